@@ -1,0 +1,79 @@
+"""The `fer` command: the actions outside the DVC DAG.
+
+Each sub-command imports its library lazily, so `fer --help` is fast and a broken optional
+dependency only breaks the command that needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import FerError
+
+
+def _synth(a: argparse.Namespace) -> None:
+    from pipeline.data.synthetic import write_synthetic
+
+    write_synthetic(a.out, layout=a.layout, n=a.n, seed=a.seed)
+    print(f"wrote {a.layout} synthetic faces to {a.out}")
+
+
+def _ingest(a: argparse.Namespace) -> None:
+    from pipeline.data.ingest import ingest
+
+    report = ingest(a.src, a.out, report_path=a.report, val_fraction=a.val_fraction,
+                    seed=a.seed, max_bad_fraction=a.max_bad_fraction, workers=a.workers)
+    print(f"ingested {report['dataset']} ({report['layout']}): "
+          + ", ".join(f"{k}={v}" for k, v in report["counts"].items()))
+
+
+def _model_summary(a: argparse.Namespace) -> None:
+    from pipeline.model.summary import summary_table
+
+    print(summary_table(size=a.size, width=a.width, num_classes=a.num_classes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fer", description="LIP-VGG16 facial expression pipeline")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write procedurally drawn faces in a real dataset layout")
+    s.add_argument("out")
+    s.add_argument("--layout", choices=["rafdb", "sfew"], required=True)
+    s.add_argument("--n", type=int, default=None, help="number of images (default: layout's own)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_synth)
+
+    s = sub.add_parser("ingest", help="detect a dataset layout and write validated parquet")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--report", default=None, help="report JSON path (default reports/ingest_<dataset>.json)")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-bad-fraction", type=float, default=0.05)
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("model-summary", help="parameters and FLOPs of every LIP-VGG16 variant")
+    s.add_argument("--size", type=int, default=90)
+    s.add_argument("--width", type=float, default=1.0)
+    s.add_argument("--num-classes", type=int, default=7)
+    s.set_defaults(func=_model_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FerError as e:
+        print(f"fer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Local Importance-based Pooling (Gao et al., ICCV 2019).
+
+O = sum(I * exp(G)) / sum(exp(G)) over each window. Within a window this is a softmax of the
+logits, so subtracting any per-window constant leaves O unchanged: we subtract the window's max
+before `exp`, which keeps every weight in (0, 1] and the denominator >= 1 — finite in fp16/bf16
+whatever the logits (the naive formula overflows fp16 at logits above ~11).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lip2d(x: torch.Tensor, logits: torch.Tensor, kernel_size: int = 2, stride: int = 2,
+          padding: int = 0) -> torch.Tensor:
+    """LIP of `x` weighted by exp(`logits`) (same shape as `x`); floor-mode like max_pool2d."""
+    if x.shape != logits.shape:
+        raise ValueError(f"lip2d: x {tuple(x.shape)} and logits {tuple(logits.shape)} differ")
+    if kernel_size == stride and padding == 0:
+        return _lip2d_disjoint(x, logits, kernel_size)
+    # Overlapping windows: a per-(N, C) shift is constant within every window, so it cancels too.
+    shift = logits.detach().amax(dim=(2, 3), keepdim=True)
+    w = torch.exp(logits - shift)
+    num = F.avg_pool2d(x * w, kernel_size, stride, padding)
+    return num / F.avg_pool2d(w, kernel_size, stride, padding)
+
+
+def _lip2d_disjoint(x: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    ho, wo = h // k, w // k
+    if ho == 0 or wo == 0:
+        raise ValueError(f"lip2d: input {h}x{w} is smaller than the {k}x{k} window")
+    # View each window as its own two axes (a view even for channels_last), softmax over them.
+    xs = x[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
+    ls = logits[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
+    e = torch.exp(ls - ls.detach().amax(dim=(3, 5), keepdim=True))
+    return (xs * e).sum(dim=(3, 5)) / e.sum(dim=(3, 5))
+
+
+class SoftGate(nn.Module):
+    """Bounds logits to (0, 12): a window can prefer one pixel by at most e^12, as in the LIP paper."""
+
+    COEFF = 12.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * self.COEFF
+
+
+class LIPLogit(nn.Module):
+    """G(I): a conv/InstanceNorm/ReLU bottleneck ending in SoftGate (the LIP paper's BottleneckLIP).
+
+    The last conv is zero-initialised, so at start every logit is equal and LIP is average
+    pooling: ImageNet-initialised features are not disturbed before the logits learn.
+    """
+
+    def __init__(self, channels: int, bottleneck: float = 0.25):
+        super().__init__()
+        r = max(8, int(round(channels * bottleneck)))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, r, 1, bias=False),
+            nn.InstanceNorm2d(r, affine=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(r, r, 3, padding=1, bias=False),
+            nn.InstanceNorm2d(r, affine=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(r, channels, 1, bias=False),
+            nn.InstanceNorm2d(channels, affine=True),
+            SoftGate(),
+        )
+        self.reset_last()
+
+    def reset_last(self) -> None:
+        nn.init.zeros_(self.body[6].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class LIPPool2d(nn.Module):
+    """Drop-in replacement for VGG's 2x2/stride-2 max pool."""
+
+    def __init__(self, channels: int, kernel_size: int = 2, stride: int = 2, bottleneck: float = 0.25):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+        self.logit = LIPLogit(channels, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lip2d(x, self.logit(x), self.kernel_size, self.stride)

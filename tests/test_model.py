@@ -1,0 +1,173 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from pipeline.errors import FerError
+from pipeline.model import ECA, LIPLogit, eca_kernel_size, lip2d, lip_vgg16
+from pipeline.model.pretrained import load_vgg16_bn_file, map_vgg16_bn
+
+VARIANTS = list(itertools.product(("lip", "max"), ("conv", "fc"), ("eca", "none")))
+
+
+def lip_reference(x, logits, k=2, s=2):
+    """The LIP paper's formula, in float64, with no shift."""
+    x, logits = x.double(), logits.double()
+    w = logits.exp()
+    return F.avg_pool2d(x * w, k, s) / F.avg_pool2d(w, k, s)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 9, 7), (3, 2, 5, 5)])
+def test_lip2d_matches_float64_reference(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    logits = torch.rand(shape, generator=g) * 12  # SoftGate's whole range
+    out = lip2d(x, logits)
+    ref = lip_reference(x, logits)
+    assert out.shape == ref.shape
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lip2d_overlapping_window_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    x, logits = torch.randn(2, 3, 9, 9, generator=g), torch.rand(2, 3, 9, 9, generator=g) * 12
+    assert torch.allclose(lip2d(x, logits, 3, 2).double(), lip_reference(x, logits, 3, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lip2d_finite_in_half_precision_at_max_logit(dtype):
+    x = torch.randn(2, 8, 16, 16).to(dtype) * 100
+    logits = torch.full_like(x, 12.0)
+    logits[..., ::2, ::2] = 0.0  # windows mixing e^0 and e^12
+    out = lip2d(x, logits)
+    assert torch.isfinite(out).all()
+    ref = lip_reference(x.float(), logits.float())
+    assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2 * 100)
+    # the naive formula overflows here: the shift is what keeps us finite
+    naive = F.avg_pool2d(x * logits.exp(), 2) / F.avg_pool2d(logits.exp(), 2)
+    if dtype == torch.float16:
+        assert not torch.isfinite(naive).all()
+
+
+def test_constant_logits_give_average_pooling():
+    x = torch.randn(2, 5, 10, 10)
+    for c in (0.0, 3.7, 12.0):
+        assert torch.allclose(lip2d(x, torch.full_like(x, c)), F.avg_pool2d(x, 2), atol=1e-6)
+
+
+def test_lip2d_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    lg = (torch.rand(1, 2, 4, 6, dtype=torch.float64, generator=g) * 12).requires_grad_()
+    assert torch.autograd.gradcheck(lip2d, (x, lg))
+    assert torch.autograd.gradcheck(lambda a, b: lip2d(a, b, 3, 2), (x, lg))
+
+
+def test_lip2d_channels_last_equals_contiguous():
+    x, lg = torch.randn(2, 4, 8, 8), torch.rand(2, 4, 8, 8) * 12
+    cl = lip2d(x.to(memory_format=torch.channels_last), lg.to(memory_format=torch.channels_last))
+    assert torch.allclose(cl, lip2d(x, lg), atol=1e-6)
+
+
+def test_logit_module_starts_as_average_pooling():
+    torch.manual_seed(0)
+    m = LIPLogit(16)
+    x = torch.randn(2, 16, 8, 8)
+    logits = m(x)
+    assert torch.allclose(logits, torch.full_like(logits, 6.0))  # 12 * sigmoid(0)
+    assert logits.min() >= 0 and logits.max() <= 12
+
+
+@pytest.mark.parametrize("c,k", [(16, 3), (64, 3), (128, 5), (256, 5), (512, 5), (1024, 5), (4096, 7)])
+def test_eca_kernel_size(c, k):
+    assert eca_kernel_size(c) == k
+
+
+def test_eca_is_channel_gate():
+    m = ECA(32)
+    x = torch.randn(2, 32, 5, 5)
+    y = m(x)
+    gate = y / x
+    # one gate per (sample, channel), strictly between 0 and 1
+    assert torch.allclose(gate, gate[..., :1, :1].expand_as(gate), atol=1e-5)
+    assert (gate > 0).all() and (gate < 1).all()
+
+
+@pytest.mark.parametrize("pool,head,attention", VARIANTS)
+def test_output_shapes_all_variants_all_sizes(pool, head, attention):
+    torch.manual_seed(0)
+    m = lip_vgg16(7, pool=pool, head=head, attention=attention, width=0.125).eval()
+    with torch.no_grad():
+        for size in (48, 90, 100, 112, 224):
+            out = m(torch.randn(2, 3, size, size))
+            assert out.shape == (2, 7), (size, out.shape)
+            assert torch.isfinite(out).all()
+
+
+def test_bad_arguments_and_sizes():
+    with pytest.raises(ValueError, match="pool"):
+        lip_vgg16(pool="avg")
+    m = lip_vgg16(width=0.125).eval()
+    with pytest.raises(ValueError, match="48..224"):
+        m(torch.zeros(1, 3, 40, 40))
+
+
+def test_conv_head_cuts_parameters():
+    fc = sum(p.numel() for p in lip_vgg16(head="fc", pool="max", attention="none").parameters())
+    conv = sum(p.numel() for p in lip_vgg16(head="conv", pool="max", attention="none").parameters())
+    assert conv < fc / 5
+
+
+def _tv_state_dict(num_classes=1000):
+    torch.manual_seed(0)
+    return torchvision.models.vgg16_bn(weights=None, num_classes=num_classes).state_dict()
+
+
+def test_plain_variant_is_torchvision_vgg16_bn():
+    tv = torchvision.models.vgg16_bn(weights=None).eval()
+    ours = lip_vgg16(1000, pool="max", head="fc", attention="none").eval()
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 100, 100)
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+
+
+@pytest.mark.parametrize("pool,head,attention", VARIANTS)
+def test_weight_mapping_copies_exactly(tmp_path, pool, head, attention):
+    sd = _tv_state_dict()
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save(sd, path)
+    m = lip_vgg16(7, pool=pool, head=head, attention=attention)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    report = load_vgg16_bn_file(m, path)
+    after = m.state_dict()
+    assert all(k.startswith(("features.", "classifier.")) for k in report.copied)
+    n_convbn = sum(1 for k in sd if k.startswith("features."))
+    assert sum(k.startswith("features.") for k in report.copied) == n_convbn
+    for k in report.copied:
+        assert torch.equal(after[k], sd[k]), k
+    for k in report.new:  # new parts untouched
+        assert torch.equal(after[k], before[k]), k
+    assert "classifier.6.weight" not in report.copied
+    if head == "fc":
+        assert "classifier.0.weight" in report.copied
+    if pool == "lip":
+        assert any(".logit." in k for k in report.new)
+
+
+def test_weight_mapping_refuses_wrong_shapes(tmp_path):
+    small = torchvision.models.vgg11_bn(weights=None).state_dict()
+    torch.save(small, tmp_path / "vgg11.pth")
+    with pytest.raises(FerError, match="vgg16_bn|do not fit"):
+        load_vgg16_bn_file(lip_vgg16(), tmp_path / "vgg11.pth")
+    sd = _tv_state_dict()
+    with pytest.raises(FerError, match="width must be 1.0"):
+        map_vgg16_bn(lip_vgg16(width=0.5), sd)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(FerError, match="cannot read"):
+        load_vgg16_bn_file(lip_vgg16(), tmp_path / "junk.pth")
+    with pytest.raises(FerError, match="does not exist"):
+        load_vgg16_bn_file(lip_vgg16(), tmp_path / "missing.pth")
