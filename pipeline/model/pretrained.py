@@ -72,3 +72,40 @@ def map_vgg16_bn(model: LIPVGG16, source: dict[str, torch.Tensor], *,
 
 def load_vgg16_bn_file(model: LIPVGG16, path: str | Path) -> MappingReport:
     return map_vgg16_bn(model, load_state_dict_file(path))
+
+
+def torchvision_weights_path() -> Path:
+    """Where torchvision keeps vgg16_bn's ImageNet weights (the torch hub cache)."""
+    from torchvision.models import VGG16_BN_Weights
+
+    url = VGG16_BN_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _torchvision_state_dict() -> dict[str, torch.Tensor]:
+    path = torchvision_weights_path()
+    if path.is_file():
+        return load_state_dict_file(path)
+    from torchvision.models import VGG16_BN_Weights
+
+    try:  # online machines fetch it once into the cache; offline ones get told where to put it
+        return VGG16_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as e:
+        raise FerError(f"torchvision vgg16_bn ImageNet weights are not in the cache ({path}) and "
+                       f"could not be downloaded ({type(e).__name__}). Copy "
+                       f"{VGG16_BN_Weights.IMAGENET1K_V1.url.rsplit('/', 1)[-1]} to {path}, or set "
+                       "imagenet_init.source to a local .pth path, or to 'none'") from None
+
+
+def initialise(model: LIPVGG16, source: str) -> dict:
+    """Apply `source` ('none' | 'torchvision' | a .pth path) to `model`; return what was used."""
+    if source == "none":
+        return {"source": "none", "copied": 0, "new": len(model.state_dict())}
+    if source == "torchvision":
+        report = map_vgg16_bn(model, _torchvision_state_dict())
+        where = str(torchvision_weights_path())
+    else:
+        report = load_vgg16_bn_file(model, source)
+        where = str(Path(source).resolve())
+    print(f"imagenet_init: {report.summary()}")
+    return {"source": source, "weights_file": where, "copied": len(report.copied), "new": len(report.new)}

@@ -1,0 +1,43 @@
+"""DVC stage ingest@<dataset>: a dataset folder (real or synthetic) -> validated parquet + report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params, section
+from pipeline.data.ingest import ingest
+from pipeline.errors import FerError
+from stages import run_stage
+
+DOWNLOAD_HINTS = {
+    "rafdb": "RAF-DB (basic) from http://www.whdeng.cn/raf/model1.html (licence agreement required); "
+             "unpack so that the folder holds EmoLabel/list_patition_label.txt and Image/aligned/",
+    "sfew": "SFEW 2.0 from https://users.cecs.anu.edu.au/~few_group/AFEW.html (licence agreement "
+            "required); unpack so that the folder holds Train/ and Val/ with the emotion folders",
+}
+
+
+def source_path(params: dict, dataset: str) -> Path:
+    src = str(section(params, "datasets")[dataset])
+    if src == "synthetic":
+        return Path("data/synthetic") / dataset
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FerError(f"datasets.{dataset} = {src} does not exist. Download "
+                       f"{DOWNLOAD_HINTS[dataset]}, then set datasets.{dataset} in params.yaml to "
+                       "that folder (or back to 'synthetic')")
+    return path
+
+
+def main() -> None:
+    dataset = sys.argv[1]
+    params = load_params()
+    opts = section(params, "ingest")
+    ingest(source_path(params, dataset), Path("data/parquet") / dataset,
+           report_path=Path("reports") / f"ingest_{dataset}.json", dataset=dataset,
+           val_fraction=opts["val_fraction"], seed=opts["seed"],
+           max_bad_fraction=opts["max_bad_fraction"], workers=opts.get("workers"))
+
+
+if __name__ == "__main__":
+    run_stage(main)
