@@ -19,13 +19,11 @@ DOWNLOAD_HINTS = {
 
 def source_path(params: dict, dataset: str) -> Path:
     src = str(section(params, "datasets")[dataset])
-    if src == "synthetic":
-        return Path("data/synthetic") / dataset
     path = Path(src).expanduser()
     if not path.exists():
         raise FerError(f"datasets.{dataset} = {src} does not exist. Download "
                        f"{DOWNLOAD_HINTS[dataset]}, then set datasets.{dataset} in params.yaml to "
-                       "that folder (or back to 'synthetic')")
+                       f"that folder (or back to data/synthetic/{dataset})")
     return path
 
 

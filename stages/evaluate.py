@@ -1,0 +1,38 @@
+"""DVC stage evaluate@<dataset>: ten-crop test metrics, confusion plots, MLflow model + registry."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import load_params, section
+from pipeline.data.classes import CLASSES
+from pipeline.evaluate import evaluate_checkpoint, write_outputs
+from stages import run_stage
+
+
+def main() -> None:
+    dataset = sys.argv[1]
+    params = load_params()
+    opts = section(params, "evaluate")
+    model_path = Path("models") / dataset / "model.pt"
+    metrics, confusion = evaluate_checkpoint(model_path, Path("data/parquet") / dataset, split="test",
+                                             num_workers=opts["num_workers"], batch_size=opts["batch_size"])
+    paths = write_outputs(metrics, confusion, CLASSES, metrics_path=Path("metrics"), plots_dir=Path("plots"),
+                          dataset=dataset)
+    run_id = tracking.start_run(section(params, "mlflow")["experiment"], f"evaluate-{dataset}",
+                                stage="evaluate", dataset=dataset, params=opts)
+    tracking.log_metrics(run_id, metrics)  # nested per_class -> per_class.<name>
+    tracking.log_artifacts(run_id, [paths["metrics"], paths["confusion_csv"], paths["confusion_png"]])
+    name = f"lip-vgg16-{dataset}"
+    version = tracking.log_and_register_model(run_id, model_path, registered_name=name,
+                                              test_accuracy=metrics["accuracy"])
+    tracking.end_run(run_id)
+    champ = tracking.champion(name)
+    print(f"evaluate {dataset}: ten-crop accuracy {metrics['accuracy']:.4f} "
+          f"(centre {metrics['accuracy_center']:.4f}, n={metrics['n_test']}); registered {name} "
+          f"v{version}; champion is v{champ[0] if champ else '?'}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
