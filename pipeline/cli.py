@@ -33,6 +33,12 @@ def _model_summary(a: argparse.Namespace) -> None:
     print(summary_table(size=a.size, width=a.width, num_classes=a.num_classes))
 
 
+def _predict(a: argparse.Namespace) -> None:
+    from pipeline.infer.cli import predict_command
+
+    predict_command(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fer", description="LIP-VGG16 facial expression pipeline")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bad-fraction", type=float, default=0.05)
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=_ingest)
+
+    from pipeline.infer.cli import add_predict_arguments
+
+    s = sub.add_parser("predict", help="detect faces in photos and print their expressions")
+    add_predict_arguments(s)
+    s.set_defaults(func=_predict)
 
     s = sub.add_parser("model-summary", help="parameters and FLOPs of every LIP-VGG16 variant")
     s.add_argument("--size", type=int, default=90)

@@ -1,0 +1,1 @@
+"""Inference: face detection + crop (faces), the predictor, the MLflow pyfunc model, `fer predict`."""

@@ -1,0 +1,319 @@
+"""Ingest: a dataset folder in any known layout -> validated parquet + a JSON report.
+
+Steps: detect and read the layout (:mod:`pipeline.data.layouts`), decode-and-validate every
+candidate in a process pool (both cores by default, chunked, progress bar on stderr), carve a
+stratified, seeded ``val`` split out of train (duplicates kept on one side), check the bad
+fraction per split, then stream the original encoded bytes into one parquet file per split in a
+temporary folder next to OUT, renamed into place only at the end. A killed ingest leaves OUT as
+it was (an orphaned ``.OUT.tmp-*`` folder at most, removed by the next run).
+
+Parquet schema (contract): image (binary, bytes untouched), label (int8; int16 only for
+ImageFolder sets with more than 127 classes), label_name, split (train/val/test), source (path
+relative to the dataset root), sha256, height, width (int32).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data import _validate
+from pipeline.data._util import (Progress, cleanup_stale, default_workers, process_pool,
+                                 swap_into_place, umask_mode)
+from pipeline.data.layouts import Record, Scan, read_layout
+from pipeline.errors import FerError
+
+SPLITS = ("train", "val", "test")
+_CHUNK = 48
+_ROWS_PER_GROUP = 1024
+
+
+def parquet_schema(label_type: pa.DataType = pa.int8()) -> pa.Schema:
+    return pa.schema([
+        ("image", pa.binary()),
+        ("label", label_type),
+        ("label_name", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("sha256", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ])
+
+
+SCHEMA = parquet_schema()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_all(paths: list[str], workers: int, progress: bool, max_pixels: int) -> list[dict]:
+    bar = Progress(len(paths), "ingest: validating", enabled=progress)
+    chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    results: list[dict] = []
+    try:
+        if workers > 1 and len(paths) >= 4 * _CHUNK:
+            with process_pool(workers, _validate.configure, (max_pixels,)) as ex:
+                for res in ex.map(_validate.check_files, chunks, [max_pixels] * len(chunks)):
+                    results += res
+                    bar.update(len(res))
+        else:
+            with _validate.configured(max_pixels):  # PIL globals restored afterwards
+                for c in chunks:
+                    res = _validate.check_files(c, max_pixels)
+                    results += res
+                    bar.update(len(res))
+    finally:
+        bar.close()
+    return results
+
+
+# --------------------------------------------------------------------------- val split
+
+
+def carve_val(train: list[tuple[Record, dict]], val_fraction: float, seed: int) -> set[int]:
+    """Positions (into ``train``) that move to val: per class, a seeded random
+    ``round(val_fraction * n_class)`` images, whole duplicate groups (same sha256) at a time,
+    leaving at least one image of each class in train."""
+    if val_fraction <= 0 or not train:
+        return set()
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (_, res) in enumerate(train):
+        groups[res["sha256"]].append(i)
+    by_class: dict[int, list[list[int]]] = defaultdict(list)
+    n_class: Counter = Counter(r.label for r, _ in train)
+    for members in groups.values():
+        by_class[train[members[0]][0].label].append(members)
+    chosen: set[int] = set()
+    for label in sorted(by_class):
+        units = sorted(by_class[label], key=lambda m: train[m[0]][0].source)
+        target = int(round(val_fraction * n_class[label]))
+        rng = np.random.default_rng([seed, label, 17])
+        taken = 0
+        for k in rng.permutation(len(units)):
+            if taken >= target:
+                break
+            u = units[int(k)]
+            if n_class[label] - taken - len(u) < 1:
+                continue
+            chosen.update(u)
+            taken += len(u)
+    return chosen
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_split(path: Path, rows: list[tuple[Record, dict]], root: Path, class_names, schema,
+                 bar: Progress, changed: list[dict]) -> int:
+    writer = pq.ParquetWriter(
+        path, schema, compression={"image": "NONE", "label": "ZSTD", "label_name": "ZSTD",
+                                   "split": "ZSTD", "source": "ZSTD", "sha256": "ZSTD",
+                                   "height": "ZSTD", "width": "ZSTD"},
+        write_statistics=["label", "label_name", "split", "source", "height", "width"])
+    n = 0
+    try:
+        for i in range(0, len(rows), _ROWS_PER_GROUP):
+            cols: dict[str, list] = {k: [] for k in schema.names}
+            for rec, res in rows[i:i + _ROWS_PER_GROUP]:
+                try:
+                    data = (root / rec.source).read_bytes()
+                except OSError as e:
+                    changed.append({"source": rec.source, "reason": f"unreadable on second read: {e}",
+                                    "split": res["split"]})
+                    continue
+                if hashlib.sha256(data).hexdigest() != res["sha256"]:
+                    changed.append({"source": rec.source, "reason": "file changed during ingest",
+                                    "split": res["split"]})
+                    continue
+                cols["image"].append(data)
+                cols["label"].append(rec.label)
+                cols["label_name"].append(class_names[rec.label])
+                cols["split"].append(res["split"])
+                cols["source"].append(rec.source)
+                cols["sha256"].append(res["sha256"])
+                cols["height"].append(res["height"])
+                cols["width"].append(res["width"])
+            bar.update(min(_ROWS_PER_GROUP, len(rows) - i))
+            if cols["image"]:
+                writer.write_table(pa.table(cols, schema=schema))
+                n += len(cols["image"])
+    finally:
+        writer.close()
+    return n
+
+
+def _write_all(out: Path, good, src: Path, names, schema, progress: bool, changed: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        os.chmod(tmp, umask_mode())
+        bar = Progress(sum(map(len, good.values())), "ingest: writing", enabled=progress)
+        try:
+            for s in SPLITS:
+                if good[s]:
+                    _write_split(tmp / f"{s}.parquet", good[s], src, names, schema, bar, changed)
+        finally:
+            bar.close()
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.write("\n")
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FerError(f"cannot write the report {path}: {e}") from e
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fraction: float = 0.1,
+           seed: int = 0, max_bad_fraction: float = 0.05, workers: int | None = None,
+           progress: bool = True, max_pixels: int = _validate.MAX_PIXELS) -> dict:
+    """Ingest the dataset at ``src`` into a parquet dataset at ``out``; returns the report.
+
+    ``val`` is carved from train (stratified by class, seeded) unless the source already has a
+    ``val`` split (ImageFolder). Raises :class:`FerError` when more than ``max_bad_fraction`` of
+    any split is bad (the report is still written; ``out`` is left untouched).
+    """
+    t0 = time.perf_counter()
+    if not 0.0 <= val_fraction < 1.0:
+        raise FerError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise FerError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FerError(f"dataset folder not found: {src}")
+    rsrc, rout = src.resolve(), out.resolve()
+    if rsrc == rout or rout in rsrc.parents:
+        raise FerError(f"OUT ({out}) must not be the dataset folder or contain it")
+    if out.exists() and not out.is_dir():
+        raise FerError(f"{out} exists and is not a folder")
+
+    scan: Scan = read_layout(src)
+    dataset = dataset or scan.default_dataset
+    report_path = Path(report_path) if report_path else Path("reports") / f"ingest_{dataset}.json"
+    workers = default_workers(workers)
+    if not scan.records and not scan.rejected:
+        raise FerError(f"{src}: {scan.layout} layout but no images found")
+
+    results = _validate_all([str(src / r.source) for r in scan.records], workers, progress, max_pixels)
+
+    rejected = [{"source": r.source, "reason": r.reason, "split": r.split} for r in scan.rejected]
+    converted: Counter = Counter()
+    good: dict[str, list[tuple[Record, dict]]] = {s: [] for s in SPLITS}
+    for rec, res in zip(scan.records, results):
+        if res["ok"]:
+            res["split"] = rec.split
+            good[rec.split].append((rec, res))
+            if res["mode"] != "RGB":
+                converted[res["mode"]] += 1
+        else:
+            rejected.append({"source": rec.source, "reason": res["reason"], "split": rec.split})
+
+    # bad fraction per split as found in the source (before val is carved)
+    bad_n = Counter(r["split"] for r in rejected)
+    bad = {}
+    for s in [*SPLITS, None]:
+        n_bad = bad_n.get(s, 0)
+        total = (len(good[s]) + n_bad) if s is not None else (sum(map(len, good.values())) + len(rejected))
+        if s is None and n_bad == 0:
+            continue
+        if total:
+            bad[s or "unassigned"] = {"bad": n_bad, "total": total, "fraction": round(n_bad / total, 6)}
+
+    val_source = "folder" if good["val"] else "carved"
+    if not good["val"]:
+        moved = carve_val(good["train"], val_fraction, seed)
+        for i in sorted(moved):
+            rec, res = good["train"][i]
+            res["split"] = "val"
+            good["val"].append((rec, res))
+        good["train"] = [x for i, x in enumerate(good["train"]) if i not in moved]
+
+    # duplicates (same sha256): across splits = leakage
+    by_sha: dict[str, list[dict]] = defaultdict(list)
+    for s in SPLITS:
+        for rec, res in good[s]:
+            by_sha[res["sha256"]].append({"split": s, "source": rec.source})
+    leakage, within = [], []
+    for sha, entries in sorted(by_sha.items(), key=lambda kv: kv[1][0]["source"]):
+        if len(entries) > 1:
+            g = {"sha256": sha, "splits": sorted({e["split"] for e in entries}), "entries": entries}
+            (leakage if len(g["splits"]) > 1 else within).append(g)
+
+    names = scan.class_names
+    label_type = pa.int8() if len(names) <= 127 else pa.int16()
+    report = {
+        "dataset": dataset,
+        "layout": scan.layout,
+        "src": str(rsrc),
+        "out": str(rout),
+        "classes": list(names),
+        "counts": {s: len(good[s]) for s in SPLITS},
+        "class_counts": {s: {n: 0 for n in names} for s in SPLITS},
+        "val": {"source": val_source, "fraction": val_fraction, "seed": seed},
+        "scanned": len(scan.records) + len(scan.rejected),
+        "bad": bad,
+        "max_bad_fraction": max_bad_fraction,
+        "rejected": rejected,
+        "converted": dict(sorted(converted.items())),
+        "duplicates": {"leakage": leakage, "within_split": within,
+                       "n_leakage_groups": len(leakage), "n_within_split_groups": len(within)},
+        "workers": workers,
+    }
+    for s in SPLITS:
+        for rec, _ in good[s]:
+            report["class_counts"][s][names[rec.label]] += 1
+
+    over = {s: b for s, b in bad.items() if b["fraction"] > max_bad_fraction}
+    if over:
+        s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        report["images_per_s"] = round(report["scanned"] / max(report["seconds"], 1e-9), 1)
+        report["failed"] = True
+        _write_json(report_path, report)
+        raise FerError(f"{b['bad']} of {b['total']} files of split '{s}' are bad "
+                       f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
+                       f"see {report_path}")
+
+    # write parquet into a temp folder next to OUT, then swap it in
+    changed: list[dict] = []
+    try:
+        _write_all(out, good, src, names, parquet_schema(label_type), progress, changed)
+    except OSError as e:
+        raise FerError(f"cannot write the parquet dataset at {out}: {e}") from e
+    if changed:  # rare: a file changed between validation and writing
+        rejected += changed
+        for c in changed:
+            report["counts"][c["split"]] -= 1
+        gone = {(c["split"], c["source"]) for c in changed}
+        for s in SPLITS:
+            for rec, _ in good[s]:
+                if (s, rec.source) in gone:
+                    report["class_counts"][s][names[rec.label]] -= 1
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["images_per_s"] = round(report["scanned"] / max(report["seconds"], 1e-9), 1)
+    report["report_path"] = str(report_path)
+    _write_json(report_path, report)
+    return report

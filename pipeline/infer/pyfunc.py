@@ -1,0 +1,69 @@
+"""The MLflow pyfunc model: face images in, expression probabilities out.
+
+Input: a pandas DataFrame with an ``image`` column (encoded bytes, base64 strings as sent to
+``mlflow models serve`` in JSON, or uint8 HxWx3 arrays), or a list / array of uint8 HxWx3 images
+or encoded bytes. Output: a DataFrame with ``label`` and one probability column per class. The
+preprocessing (resize, ten-crop, softmax average) is :class:`pipeline.infer.predictor.Predictor`'s,
+which is evaluation's.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+
+def _as_image(v):
+    if isinstance(v, str):
+        try:
+            return base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError("an `image` string must be base64-encoded image bytes") from e
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, list):
+        v = np.asarray(v, dtype=np.uint8)
+    return v
+
+
+def to_images(model_input) -> list:
+    """Normalise the accepted input types to a list of encoded bytes / uint8 HxWx3 arrays."""
+    if isinstance(model_input, pd.DataFrame):
+        col = "image" if "image" in model_input.columns else model_input.columns[0]
+        items = list(model_input[col])
+    elif isinstance(model_input, pd.Series):
+        items = list(model_input)
+    elif isinstance(model_input, dict) and "image" in model_input:
+        items = list(model_input["image"]) if not isinstance(model_input["image"], (bytes, str)) \
+            else [model_input["image"]]
+    elif isinstance(model_input, np.ndarray) and model_input.dtype != object:
+        single = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4))
+        items = [model_input] if single else list(model_input)
+    elif isinstance(model_input, (bytes, bytearray, str)):
+        items = [model_input]
+    else:
+        items = list(model_input)
+    return [_as_image(v) for v in items]
+
+
+class FerPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads ``context.artifacts["checkpoint"]`` (the training ``model.pt``) into a Predictor."""
+
+    def load_context(self, context):
+        from pipeline.infer.predictor import Predictor
+
+        self.predictor = Predictor(context.artifacts["checkpoint"])
+
+    # The hint is the serving input (`mlflow models serve`); lists and arrays of images work too.
+    # pd.DataFrame is a hint MLflow neither validates nor converts against.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        images = to_images(model_input)
+        classes = self.predictor.classes
+        if not images:
+            return pd.DataFrame(columns=["label", *classes])
+        preds = self.predictor.predict_faces(images)
+        rows = [{"label": p["label"], **p["probabilities"]} for p in preds]
+        return pd.DataFrame(rows, columns=["label", *classes])

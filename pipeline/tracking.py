@@ -1,0 +1,298 @@
+"""MLflow: runs, per-epoch metrics, artifacts, the model registry and its ``champion`` alias.
+
+Tracking URI (contract): ``MLFLOW_TRACKING_URI`` when set, else a SQLite store at the repo root
+(``sqlite:///<root>/mlflow.db``, artifacts in ``<root>/mlartifacts/``), so that the registry
+works with no server. Every function here takes an explicit ``run_id`` and talks to the store
+through ``MlflowClient``: callers (Ray workers, DVC stages) never depend on MLflow's global
+"active run".
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.errors import FerError
+
+CHAMPION = "champion"
+#: Model-version tag that holds the test accuracy the champion comparison uses.
+ACCURACY_TAG = "test_accuracy"
+#: MLflow's limit on a param value's length.
+_PARAM_MAX = 6000
+
+
+# --------------------------------------------------------------------------- store
+
+
+def repo_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The git top-level of ``cwd`` (default: the current directory), else ``cwd`` itself."""
+    cwd = Path(cwd or os.getcwd())
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return Path(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return cwd.resolve()
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    return "sqlite:///" + str(repo_root() / "mlflow.db")
+
+
+def sqlite_root(uri: str) -> Path | None:
+    """The folder holding a ``sqlite:///`` store's database file (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):]
+    if not db or db == ":memory:":
+        return None
+    return Path(db).resolve().parent
+
+
+def client():
+    """An ``MlflowClient`` on :func:`tracking_uri` (the registry follows it unless
+    ``MLFLOW_REGISTRY_URI`` says otherwise)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+@contextlib.contextmanager
+def using_store():
+    """Point MLflow's fluent API (model logging and loading only exist there) at
+    :func:`tracking_uri` for the duration, then restore the previous global URI and the
+    ``MLFLOW_TRACKING_URI`` variable (MLflow's own setter rewrites it): no state leaks."""
+    import mlflow
+
+    uri = tracking_uri()
+    try:
+        from mlflow.tracking._tracking_service import utils as _tu
+        old = _tu._tracking_uri
+    except (ImportError, AttributeError):  # pragma: no cover - MLflow internals moved
+        old = None
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(old)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+
+
+def get_or_create_experiment(name: str) -> str:
+    """The id of experiment ``name``, created if missing. On a SQLite store its artifacts go
+    to ``<store folder>/mlartifacts/<name>`` (the repo root's ``mlartifacts/`` by default)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = sqlite_root(tracking_uri())
+    location = (root / "mlartifacts" / _safe_name(name)).as_uri() if root else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # created concurrently by another process
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """``HEAD``'s commit hash (``-dirty`` appended when tracked files changed), or "unknown"."""
+    try:
+        kw = dict(cwd=cwd or os.getcwd(), capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **kw)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **kw)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": "0.1"}`` (values as MLflow param strings)."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            s = str(v)
+            out[key] = s if len(s) <= _PARAM_MAX else s[:_PARAM_MAX - 3] + "..."
+    return out
+
+
+def start_run(experiment: str, run_name: str, *, stage: str, dataset: str,
+              params: dict | None = None, tags: dict | None = None) -> str:
+    """Create a run (status RUNNING) in ``experiment``, tagged with the git commit, the DVC stage
+    and the dataset, with ``params`` flattened; returns its id. Close it with :func:`end_run`."""
+    from mlflow.entities import Param
+
+    c = client()
+    commit = git_commit()
+    all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "stage": stage,
+                "dataset": dataset, **(tags or {})}
+    run = c.create_run(get_or_create_experiment(experiment), run_name=run_name,
+                       tags={k: str(v) for k, v in all_tags.items()})
+    flat = [Param(k, v) for k, v in flatten(params or {}).items()]
+    for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run.info.run_id, params=flat[i:i + 100])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run FINISHED (or FAILED / KILLED)."""
+    client().set_terminated(run_id, status=status)
+
+
+def _numeric(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:  # numpy / torch scalars
+        v = v.item()
+    if isinstance(v, (int, float)) and not math.isnan(float(v)):
+        return float(v)
+    return None
+
+
+def log_epoch(run_id: str, metrics: dict, epoch: int) -> None:
+    """Log the numeric entries of ``metrics`` at ``step=epoch`` (others, and NaN, are skipped).
+    Called by training rank 0 only."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, x, now, int(epoch)) for k, v in metrics.items()
+             if (x := _numeric(v)) is not None]
+    if batch:
+        client().log_batch(run_id, metrics=batch)
+
+
+def log_metrics(run_id: str, metrics: dict, step: int = 0, prefix: str = "") -> None:
+    """Numeric entries of a (possibly nested) metrics dict, e.g. the evaluation JSON."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, p: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{p}{k}.")
+            else:
+                flat[f"{p}{k}"] = v
+
+    walk(metrics, prefix)
+    log_epoch(run_id, flat, step)
+
+
+def log_artifacts(run_id: str, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
+    """Upload files (and whole folders) to the run's artifacts."""
+    c = client()
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            c.log_artifacts(run_id, str(p), artifact_path=artifact_path)
+        elif p.is_file():
+            c.log_artifact(run_id, str(p), artifact_path=artifact_path)
+        else:
+            raise FerError(f"artifact {p} not found")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow",
+                 "opencv-python-headless"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_name: str | None = None,
+              name: str = "model"):
+    """Log the pyfunc model (``pipeline.infer.pyfunc.FerPyfunc`` with the checkpoint as its
+    ``checkpoint`` artifact and the ``pipeline`` package as code) under ``run_id``; register it
+    as a new version of ``registered_name`` when given. Returns MLflow's ``ModelInfo``."""
+    from mlflow.models import Model
+    import mlflow.pyfunc
+
+    import pipeline
+    from pipeline.infer.pyfunc import FerPyfunc
+
+    ckpt = Path(checkpoint_path)
+    if not ckpt.is_file():
+        raise FerError(f"checkpoint {ckpt} not found")
+    c = client()
+    run = c.get_run(run_id)
+    # Created here so that the model lands in the run's experiment (MLflow 3 otherwise files a
+    # model logged with no *active* run under the default experiment).
+    logged = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                   params=dict(run.data.params),
+                                   tags={"stage": run.data.tags.get("stage", ""),
+                                         "dataset": run.data.tags.get("dataset", "")})
+    with using_store():
+        return Model.log(
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+            model_id=logged.model_id,
+            python_model=FerPyfunc(), artifacts={"checkpoint": str(ckpt)},
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            pip_requirements=_pip_requirements(), registered_model_name=registered_name,
+        )
+
+
+def champion(name: str) -> tuple[int, float] | None:
+    """``(version, test accuracy)`` of ``name``'s ``champion`` alias, or None if it has none."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        mv = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    acc = mv.tags.get(ACCURACY_TAG)
+    return int(mv.version), float(acc) if acc is not None else float("nan")
+
+
+def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_name: str,
+                           test_accuracy: float) -> int:
+    """Log the model, register it as a new version of ``registered_name``, tag the version with
+    ``test_accuracy``, and move the ``champion`` alias to it only if it beats the current
+    champion (ties keep the old one; a champion with no recorded accuracy is always beaten).
+    Returns the new version number."""
+    info = log_model(run_id, checkpoint_path, registered_name=registered_name)
+    version = int(info.registered_model_version)
+    c = client()
+    acc = float(test_accuracy)
+    c.set_model_version_tag(registered_name, str(version), ACCURACY_TAG, repr(acc))
+    c.set_model_version_tag(registered_name, str(version), "git_commit", git_commit())
+    current = champion(registered_name)
+    if current is None or math.isnan(current[1]) or acc > current[1]:
+        c.set_registered_model_alias(registered_name, CHAMPION, str(version))
+    return version

@@ -1,0 +1,163 @@
+"""MLflow on a temporary SQLite store: runs, params, per-epoch metrics, artifacts, the registry,
+the ``champion`` alias and the pyfunc model loaded back through ``models:/NAME@champion``."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import tracking as T
+from pipeline.data.classes import CLASSES
+from pipeline.data.synthetic import render
+
+from test_evaluate import make_assets
+
+NAME = "lip-vgg16-testset"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_env():
+    """No MLflow telemetry, no Ray auth token (set before either library is first used here)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh SQLite store for this module, via MLFLOW_TRACKING_URI (never the repo root)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d}/mlflow.db")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        yield d
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.getbasetemp() / "tiny_assets")
+
+
+def test_tracking_uri_env_and_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////somewhere/else.db")
+    assert T.tracking_uri() == "sqlite:////somewhere/else.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.chdir(repo / "sub")
+    assert T.tracking_uri() == f"sqlite:///{repo.resolve()}/mlflow.db"
+    monkeypatch.chdir(tmp_path)  # not a git repo: the current directory
+    assert T.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_flatten_params():
+    assert T.flatten({"train": {"lr": 0.1, "opt": {"name": "sgd"}}, "seed": 1}) == {
+        "train.lr": "0.1", "train.opt.name": "sgd", "seed": "1"}
+
+
+def test_run_params_tags_metrics_artifacts(store, tmp_path):
+    c = T.client()
+    run_id = T.start_run("fer-tests", "train-1", stage="train_rafdb", dataset="rafdb",
+                         params={"train": {"lr": 0.01, "epochs": 3}, "model": {"width": 0.0625}})
+    for epoch in range(3):
+        T.log_epoch(run_id, {"train_loss": 1.0 / (epoch + 1), "val_accuracy": 0.3 + 0.1 * epoch,
+                             "images_per_s": np.float32(12.5), "note": "text is skipped",
+                             "bad": float("nan")}, epoch)
+    f = tmp_path / "curves.png"
+    f.write_bytes(b"\x89PNG fake")
+    T.log_artifacts(run_id, [f])
+    run = c.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params == {"train.lr": "0.01", "train.epochs": "3", "model.width": "0.0625"}
+    assert run.data.tags["stage"] == "train_rafdb" and run.data.tags["dataset"] == "rafdb"
+    assert run.data.tags["git_commit"] == T.git_commit()
+    assert set(run.data.metrics) == {"train_loss", "val_accuracy", "images_per_s"}
+    hist = c.get_metric_history(run_id, "val_accuracy")
+    assert [m.step for m in hist] == [0, 1, 2]
+    assert [round(m.value, 6) for m in hist] == [0.3, 0.4, 0.5]
+    assert [a.path for a in c.list_artifacts(run_id)] == ["curves.png"]
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.name == "fer-tests"
+    assert exp.artifact_location.startswith((store / "mlartifacts").as_uri())
+    assert T.get_or_create_experiment("fer-tests") == run.info.experiment_id
+    T.end_run(run_id)
+    assert c.get_run(run_id).info.status == "FINISHED"
+    with pytest.raises(Exception):
+        T.log_artifacts(run_id, [tmp_path / "missing.png"])
+
+
+@pytest.fixture(scope="module")
+def registry(store, assets):
+    """v1 acc 0.5 -> champion v1; v2 0.4 -> stays v1; v3 0.6 -> v3; v4 0.6 (tie) -> stays v3."""
+    run_id = T.start_run("fer-tests", "evaluate", stage="evaluate", dataset="testset", params={})
+    history = []
+    for acc in (0.5, 0.4, 0.6, 0.6):
+        v = T.log_and_register_model(run_id, assets["checkpoint"], registered_name=NAME,
+                                     test_accuracy=acc)
+        history.append((v, T.champion(NAME)))
+    return run_id, history
+
+
+def test_champion_moves_only_to_a_better_version(registry):
+    _, history = registry
+    assert [v for v, _ in history] == [1, 2, 3, 4]
+    assert [champ for _, champ in history] == [(1, 0.5), (1, 0.5), (3, 0.6), (3, 0.6)]
+    mv = T.client().get_model_version(NAME, "2")
+    assert float(mv.tags[T.ACCURACY_TAG]) == pytest.approx(0.4)
+    assert T.champion("no-such-model") is None
+
+
+def test_logged_model_belongs_to_the_run(registry):
+    run_id, _ = registry
+    c = T.client()
+    mv = c.get_model_version(NAME, "3")
+    assert mv.run_id == run_id
+    run = c.get_run(run_id)
+    assert any(o.model_id for o in run.outputs.model_outputs)
+
+
+def test_champion_loads_with_pyfunc_and_predicts_raw_faces(registry, assets):
+    import mlflow.pyfunc
+
+    from pipeline.infer.predictor import Predictor
+
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    jpegs = [render(label, "rafdb", seed=5, index=label) for label in (0, 3, 6)]
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs]
+
+    out_bytes = model.predict(pd.DataFrame({"image": jpegs}))
+    assert list(out_bytes.columns) == ["label", *CLASSES]
+    assert len(out_bytes) == 3 and set(out_bytes["label"]) <= set(CLASSES)
+    probs = out_bytes[list(CLASSES)].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (out_bytes["label"] == [CLASSES[i] for i in probs.argmax(1)]).all()
+
+    out_arrays = model.predict(arrays)  # uint8 HxWx3 arrays: the same preprocessing
+    np.testing.assert_allclose(out_arrays[list(CLASSES)].to_numpy(), probs, atol=1e-6)
+    out_b64 = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in jpegs]}))
+    np.testing.assert_allclose(out_b64[list(CLASSES)].to_numpy(), probs, atol=1e-6)
+
+    # what `mlflow models serve` does with a JSON request (binary columns travel as base64)
+    from mlflow.pyfunc import scoring_server
+
+    body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(b).decode()] for b in jpegs]}})
+    resp = scoring_server.invocations(body, "application/json", model, None)
+    assert resp.status == 200, resp.response
+    served = json.loads(resp.response)["predictions"]
+    np.testing.assert_allclose([[p[c] for c in CLASSES] for p in served], probs, atol=1e-6)
+
+    local = Predictor(assets["checkpoint"], device="cpu").predict_faces(jpegs)
+    np.testing.assert_allclose([[p["probabilities"][c] for c in CLASSES] for p in local], probs,
+                               atol=1e-6)
