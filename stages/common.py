@@ -29,7 +29,7 @@ def train_stage(*, stage: str, dataset: str, section_name: str, init: str) -> di
     cfg.mlflow_run_id = run_id
     shutil.rmtree(output, ignore_errors=True)
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, extra_loop_config={"mlflow_tracking_uri": tracking.tracking_uri()})
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

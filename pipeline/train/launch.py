@@ -1,0 +1,172 @@
+"""Launch `train_loop_per_worker` on Ray Train (TorchTrainer, Train V2) and write the best model.
+
+Resuming: Ray Train V2 keeps a checkpoint-manager snapshot under `storage_path/run_name`; a new
+`TorchTrainer(...).fit()` with the same `RunConfig(name, storage_path)` loads it and hands the
+latest checkpoint to the workers through `ray.train.get_checkpoint()`, so a rerun (after a crash,
+Ctrl-C, or with more epochs) continues after the last finished epoch. Worker failures inside one
+fit are retried the same way, up to `FailureConfig(max_failures)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import FerError
+from pipeline.train.config import TrainConfig
+from pipeline.train.worker import CONFIG_FILE, STATE_FILE, train_loop_per_worker
+
+# Changing these between a run and its resume would load weights into a different network.
+ARCH_KEYS = ("num_classes", "pool", "head", "attention", "width", "lip_bottleneck")
+
+
+def _is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:
+    """Leave at least one CPU free for Ray itself and Ray Data (STACK.md: workers holding every
+    CPU deadlock Ray Data reads); at most 4 per worker, at least 0.25."""
+    return max(0.25, min(4.0, (total_cpus - 1) / num_workers))
+
+
+def ensure_ray(cfg: TrainConfig) -> None:
+    """`ray.init()`: join RAY_ADDRESS when set, else a local instance sized for this run. Never twice."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    local = os.cpu_count() or 1
+    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(local, cfg.num_workers)
+    # Logical CPUs: enough that the workers' reservation fits with one left over.
+    num_cpus = max(local, math.ceil(cfg.num_workers * cpw + 1))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _resources(cfg: TrainConfig) -> tuple[bool, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    use_gpu = gpus >= 1 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
+    if use_gpu and gpus < cfg.num_workers:
+        raise FerError(f"use_gpu: {cfg.num_workers} workers need {cfg.num_workers} GPUs, "
+                       f"the Ray cluster has {gpus:g}; lower num_workers or set use_gpu: false")
+    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(cpus, cfg.num_workers)
+    if cfg.num_workers * cpw > cpus and not os.environ.get("RAY_ADDRESS"):
+        raise FerError(f"{cfg.num_workers} workers x {cpw:g} CPUs do not fit the local Ray instance "
+                       f"({cpus:g} CPUs); lower cpus_per_worker or num_workers")
+    return use_gpu, cpw
+
+
+def latest_checkpoint_dir(storage_path: str, run_name: str) -> Path | None:
+    """Newest `epoch_NNNN` checkpoint of a run in local storage (None: none, or remote storage)."""
+    if _is_uri(storage_path):
+        return None
+    run = Path(storage_path) / run_name
+    dirs = sorted(p for p in run.glob("epoch_*") if (p / STATE_FILE).exists())
+    return dirs[-1] if dirs else None
+
+
+def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None) -> None:
+    if ckpt_dir is None or not (ckpt_dir / CONFIG_FILE).exists():
+        return
+    old = json.loads((ckpt_dir / CONFIG_FILE).read_text())
+    new = cfg.to_dict()
+    arch = [k for k in ARCH_KEYS if k in old and old[k] != new[k]]
+    if arch:
+        raise FerError(f"run {cfg.resolved_run_name!r} in {cfg.storage_path} has a checkpoint of another "
+                       f"network ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in arch)}); "
+                       f"choose a new run_name or delete {ckpt_dir.parent}")
+    changed = [k for k in new if k in old and old[k] != new[k] and k not in ("mlflow_run_id",)]
+    print(f"resuming run {cfg.resolved_run_name!r} from {ckpt_dir.name}"
+          + (f" (changed: {', '.join(changed)})" if changed else ""), flush=True)
+
+
+def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with Ray Train, write `output/model.pt` (best epoch by val accuracy) and
+    `output/history.json`, return a summary. `extra_loop_config` is merged into the worker
+    config (test hooks such as `_fail_at_epoch`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = Path(cfg.data).resolve()
+    if not data.is_dir():
+        raise FerError(f"data directory {data} does not exist")
+    init = cfg.init
+    if init != "none":
+        init = str(Path(init).resolve())
+        if not Path(init).is_file():
+            raise FerError(f"init checkpoint {init} does not exist")
+    storage = cfg.storage_path if _is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
+    run_name = cfg.resolved_run_name
+    _check_resume(cfg, latest_checkpoint_dir(storage, run_name))
+
+    ensure_ray(cfg)
+    use_gpu, cpw = _resources(cfg)
+    resources = {"CPU": cpw, **({"GPU": 1} if use_gpu else {})}
+    loop_config = {
+        **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.model_config(),
+        "train_config": cfg.to_dict(), "torch_threads": max(1, int(cpw)),
+        **(extra_loop_config or {}),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and friends
+        msg = str(e).strip().splitlines()
+        raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
+                       f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e
+    if result.checkpoint is None:
+        raise FerError(f"training run {run_name!r} reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        import torch
+
+        st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    return write_outputs(cfg, st, checkpoint_path=result.checkpoint.path, run_name=run_name,
+                         storage=storage)
+
+
+def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name: str,
+                  storage: str) -> dict[str, Any]:
+    import torch
+
+    from pipeline.data.classes import CLASSES
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(CLASSES) if cfg.num_classes == len(CLASSES) else [f"class_{i}" for i in range(cfg.num_classes)]
+    torch.save({
+        "state_dict": st["best_state"], "model_config": st["model_config"], "classes": classes,
+        "image_size": cfg.image_size, "crop": cfg.crop, "epoch": st["best_epoch"],
+        "val_accuracy": st["best_val_accuracy"], "train_config": cfg.to_dict(),
+    }, out / "model.pt")
+    history = st["history"]
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    ips = [h["images_per_s"] for h in history]
+    summary = {
+        "best_val_accuracy": st["best_val_accuracy"], "best_epoch": st["best_epoch"],
+        "epochs_run": len(history), "last_epoch": st["epoch"], "early_stopped": st["stopped"],
+        "images_per_s": sum(ips) / len(ips) if ips else 0.0,
+        "checkpoint": checkpoint_path, "run_name": run_name, "storage_path": storage,
+        "model_path": str(out / "model.pt"), "history_path": str(out / "history.json"),
+    }
+    print(f"best val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} "
+          f"({summary['epochs_run']} epochs, {summary['images_per_s']:.1f} img/s) -> {out / 'model.pt'}",
+          flush=True)
+    return summary

@@ -1,0 +1,347 @@
+"""The per-worker training loop: plain PyTorch plus `ray.train` (prepare_model, report, checkpoints).
+
+Read `train_loop_per_worker` top to bottom: data -> model -> optimiser/schedule -> resume ->
+epochs (train, validate, checkpoint, early stop). Each worker holds its shard of train and val as
+uint8 tensors on its device and augments there (`DeviceBatches`); no Python image transforms.
+
+Validation uses the single centre crop (fast; the ten-crop protocol belongs to evaluation, on
+`test`). Correct/total counts are summed across workers, and shards are not padded, so the val
+accuracy is exact whatever the number of workers. Model selection and early stopping use it.
+
+Every epoch each worker writes into one checkpoint directory (Ray merges them): rank 0 the
+training state (`state.pt`: model, optimiser, scheduler, epoch, best state, history) and every
+rank its RNG states (`rng_rank<r>.pt`). A restart (FailureConfig) or a rerun of the same run
+name picks it up through `ray.train.get_checkpoint()` and continues with the next epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "train_config.json"
+
+
+# ---------------------------------------------------------------------------- building blocks
+def load_init_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy every tensor of a checkpoint (`{"state_dict", "model_config"}`) that fits `model`.
+
+    The classifier (`model.classifier_prefix`) is kept freshly initialised only when the number
+    of classes differs; any other shape mismatch means a different architecture and is an error.
+    Returns the lists of copied, re-initialised (classifier) and missing (not in the file) keys.
+    """
+    from pipeline.errors import FerError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FerError(f"cannot read init checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
+        raise FerError(f"init checkpoint {path} is not a dict with a 'state_dict'")
+    src: dict[str, torch.Tensor] = ckpt["state_dict"]
+    src_classes = (ckpt.get("model_config") or {}).get("num_classes")
+    target = model.state_dict()
+    prefix = model.classifier_prefix
+    n_classes = model.config["num_classes"]
+    if src_classes is None:  # infer from the classifier's bias
+        bias = src.get(prefix + "bias")
+        src_classes = int(bias.shape[0]) if bias is not None else n_classes
+    report: dict[str, list[str]] = {"copied": [], "reinit": [], "missing": []}
+    bad = []
+    for k, t in target.items():
+        if k.startswith(prefix) and src_classes != n_classes:
+            report["reinit"].append(k)
+        elif k not in src:
+            report["missing"].append(k)
+        elif src[k].shape != t.shape:
+            bad.append(f"{k}: file {tuple(src[k].shape)} vs model {tuple(t.shape)}")
+        else:
+            report["copied"].append(k)
+    if bad:
+        raise FerError(f"init checkpoint {path} does not fit this network (other width/head?): "
+                       + "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+    if not report["copied"]:
+        raise FerError(f"init checkpoint {path} shares no tensor with this network")
+    with torch.no_grad():
+        for k in report["copied"]:
+            target[k].copy_(src[k])
+    return report
+
+
+def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,
+              step_size: int, gamma: float) -> Callable[[int], float]:
+    """Per-iteration LR factor: linear warm-up, then cosine to 0 or step decay."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+
+    def f(it: int) -> float:
+        if it < warm:
+            return (it + 1) / warm
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (it - warm) / max(1, total - warm))))
+        return gamma ** (it // (step_size * steps_per_epoch))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def train_step(model, x, y, criterion, optimizer, scheduler=None, *, amp: bool = False,
+               channels_last: bool = False):
+    """One optimisation step; returns (loss, logits) detached."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+        loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+@torch.no_grad()
+def count_correct(model, x_uint8: torch.Tensor, y: torch.Tensor, crop: int, *, batch_size: int = 256,
+                  amp: bool = False, channels_last: bool = False) -> tuple[int, int]:
+    """Centre-crop top-1 correct count and total over uint8 images [N,3,H,W] (on the model's device)."""
+    from pipeline.data.loader import center_crop, normalize
+
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        x = normalize(center_crop(x_uint8[i:i + batch_size], crop))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        correct += int((pred == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return correct, int(len(y))
+
+
+def _all_reduce(values: Iterable[float], op=None, device: torch.device | str = "cpu") -> list[float]:
+    """Sum (or `op`) a few numbers across workers; `device` must suit the backend (NCCL: cuda)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BN running stats. DDP broadcasts buffers at the start of each
+    forward, so after the last training step each rank holds its own batch's update; without
+    this, val accuracy would mix slightly different models instead of measuring the saved one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def _rng_state() -> dict[str, Any]:
+    s: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _say(msg: str) -> None:
+    """Print once: Ray Train V2 patches `print` to tee into its logger, which shows lines twice."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _unwrap(model).state_dict().items()}
+
+
+def _maybe_fail(cfg: dict, epoch: int, rank: int) -> None:
+    """Test hook: fail once at `_fail_at_epoch` on `_fail_rank`, remembered by a marker file."""
+    at, marker = cfg.get("_fail_at_epoch"), cfg.get("_fail_marker")
+    if at is None or epoch != at or rank != cfg.get("_fail_rank", 0):
+        return
+    if marker and Path(marker).exists():
+        return
+    if marker:
+        Path(marker).write_text(f"failed at epoch {epoch}\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+
+
+# ---------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.data.loader import DeviceBatches, load_split
+    from pipeline.model import lip_vgg16
+
+    cfg = config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    amp = on_gpu if cfg["amp"] == "auto" else bool(cfg["amp"])
+    channels_last = on_gpu if cfg["channels_last"] == "auto" else bool(cfg["channels_last"])
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    seed = int(cfg["seed"])
+
+    # ---- data: this worker's shard of train and val, kept on the device as uint8
+    tx, ty = load_split(cfg["data"], "train", size=cfg["image_size"], rank=rank, world_size=world)
+    vx, vy = load_split(cfg["data"], "val", size=cfg["image_size"], rank=rank, world_size=world)
+    vx, vy = vx.to(device), vy.to(device)
+    local_bs = cfg["batch_size"] // world
+    batches = DeviceBatches(tx, ty, batch_size=local_bs, crop=cfg["crop"], train=True, device=device,
+                            seed=seed * 100_003 + rank * 10_007, max_rotate_deg=cfg["max_rotate_deg"],
+                            drop_last=True)
+    # Every worker must run the same number of steps (DDP); shards differ by at most one image.
+    steps = int(_all_reduce([len(ty) // local_bs], op=dist.ReduceOp.MIN, device=device)[0])
+    if steps < 1:
+        raise ValueError(f"train shard of {len(ty)} images is smaller than the per-worker batch "
+                         f"{local_bs}: lower batch_size or num_workers")
+    counts = torch.bincount(ty, minlength=cfg["num_classes"]).double()
+    counts = torch.tensor(_all_reduce(counts.tolist(), device=device), dtype=torch.float64)
+
+    # ---- model, optimiser, schedule
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = lip_vgg16(**cfg["model_config"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg["init"] != "none":
+        rep = load_init_checkpoint(model, cfg["init"])
+        if rank == 0:
+            _say(f"init from {cfg['init']}: copied {len(rep['copied'])} tensors, "
+                 f"re-initialised {len(rep['reinit'])} (classifier), {len(rep['missing'])} not in file")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    raw = _unwrap(model)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+    weight = None
+    if cfg["class_weighted"]:
+        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
+
+    # ---- resume
+    torch.manual_seed(seed * 1000 + rank)  # dropout etc. differ per rank
+    random.seed(seed * 1000 + rank)
+    start, best_acc, best_epoch, best_state, bad, stopped, history = 1, -1.0, 0, None, 0, False, []
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            rng_file = Path(d) / f"rng_rank{rank}.pt"
+            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+        raw.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        start = st["epoch"] + 1
+        best_acc, best_epoch, best_state = st["best_val_accuracy"], st["best_epoch"], st["best_state"]
+        bad, stopped, history = st["bad_epochs"], st["stopped"], st["history"]
+        if rng is not None:
+            _set_rng_state(rng)
+        if rank == 0:
+            _say(f"resumed from checkpoint after epoch {st['epoch']}")
+    if stopped:
+        return  # early-stopped before: the last checkpoint already holds the final state
+
+    on_epoch = None
+    if rank == 0 and cfg.get("mlflow_run_id"):
+        if cfg.get("mlflow_tracking_uri"):  # workers run elsewhere: log to the driver's store
+            os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
+        try:
+            from pipeline.tracking import log_epoch
+
+            def on_epoch(m: dict, e: int) -> None:
+                log_epoch(cfg["mlflow_run_id"], m, e)
+        except ImportError as e:
+            _say(f"warning: no per-epoch MLflow logging ({e})")
+
+    # ---- epochs
+    for epoch in range(start, cfg["epochs"] + 1):
+        _maybe_fail(cfg, epoch, rank)
+        model.train()
+        batches.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for _, (x, y) in zip(range(steps), batches):
+            lr = optimizer.param_groups[0]["lr"]  # reported: the lr of the epoch's last step
+            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
+                                      channels_last=channels_last)
+            loss_sum += loss.double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        loss_sum, correct_g, seen_g = _all_reduce([float(loss_sum), float(correct), seen], device=device)
+        train_time = time.perf_counter() - t0
+        _sync_buffers(raw)
+        vc, vn = count_correct(raw, vx, vy, cfg["crop"], amp=amp, channels_last=channels_last)
+        vc, vn = _all_reduce([vc, vn], device=device)
+        val_acc = vc / max(vn, 1)
+        if val_acc > best_acc:
+            best_acc, best_epoch, bad = val_acc, epoch, 0
+            best_state = _cpu_state(model) if rank == 0 else None  # only rank 0 saves it
+        else:
+            bad += 1
+        stopped = bool(cfg["patience"]) and bad >= cfg["patience"]
+        metrics = {
+            "epoch": epoch, "train_loss": loss_sum / seen_g, "train_accuracy": correct_g / seen_g,
+            "val_accuracy": val_acc, "lr": lr, "images_per_s": seen_g / train_time,
+            "epoch_time_s": time.perf_counter() - t0, "best_val_accuracy": best_acc,
+            "best_epoch": best_epoch, "n_val": int(vn), "session_start_epoch": start,
+        }
+        history.append(metrics)
+        if rank == 0:
+            _say(f"epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+                 f"acc {metrics['train_accuracy']:.3f}  val_acc {val_acc:.3f}  lr {lr:.2e}  "
+                 f"{metrics['images_per_s']:.1f} img/s" + ("  (early stop)" if stopped else ""))
+            if on_epoch is not None:
+                try:
+                    on_epoch(metrics, epoch)
+                except Exception as e:  # tracking must never kill training
+                    _say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
+
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                torch.save({
+                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch,
+                    "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
+                    "bad_epochs": bad, "stopped": stopped, "history": history,
+                    "model_config": dict(cfg["model_config"]),
+                }, Path(d) / STATE_FILE)
+                (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if stopped:
+            break
