@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(s)
     s.set_defaults(func=_predict)
 
+    from pipeline.ablation import ablation_command, add_ablation_arguments
+    from pipeline.train.tune import add_tune_arguments, tune_command
+
+    s = sub.add_parser("tune", help="Ray Tune sweep (ASHA on val accuracy) over params.yaml's "
+                                    "tune: space; resumes if interrupted")
+    add_tune_arguments(s)
+    s.set_defaults(func=tune_command)
+
+    s = sub.add_parser("ablation", help="the paper's Table 1 and Table 3 rows -> reports/ablation.md")
+    add_ablation_arguments(s)
+    s.set_defaults(func=ablation_command)
+
     s = sub.add_parser("model-summary", help="parameters and FLOPs of every LIP-VGG16 variant")
     s.add_argument("--size", type=int, default=90)
     s.add_argument("--width", type=float, default=1.0)

@@ -6,7 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pipeline
 from pipeline.config import load_params, section
+
+CODE = Path(pipeline.__file__).parent
 
 
 def train_stage(*, stage: str, dataset: str, section_name: str, init: str) -> dict:
@@ -18,9 +21,13 @@ def train_stage(*, stage: str, dataset: str, section_name: str, init: str) -> di
     params = load_params()
     output = Path("models") / dataset
     options = {**section(params, "model"), **section(params, "ray"), **section(params, section_name)}
-    # The run name carries a hash of the config: an interrupted run with the same params resumes
-    # from its last Ray checkpoint; changed params start a fresh run.
-    digest = hashlib.sha256(json.dumps({**options, "init": init}, sort_keys=True).encode()).hexdigest()[:10]
+    # The run name hashes the config, the init weights and the training code: an interrupted run
+    # resumes from its last Ray checkpoint; changed params, weights or code start a fresh run.
+    h = hashlib.sha256(json.dumps({**options, "init": init}, sort_keys=True).encode())
+    for f in sorted([Path(init), *CODE.glob("train/*.py"), *CODE.glob("model/*.py"), CODE / "data/loader.py"]):
+        if f.is_file():
+            h.update(f.read_bytes())
+    digest = h.hexdigest()[:10]
     cfg = TrainConfig.from_dict({**options, "data": f"data/parquet/{dataset}", "init": init,
                                  "output": str(output), "run_name": f"{stage}-{digest}"})
     experiment = section(params, "mlflow")["experiment"]

@@ -23,15 +23,6 @@ from pipeline.errors import FerError
 IMAGE_SIZE, CROP = 56, 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_env():
-    """No MLflow telemetry, no Ray auth token (set before either library is first used here)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        yield
-
-
 def make_assets(base: Path) -> dict:
     """Build (once per test session: reused when already there) the tiny dataset + checkpoint."""
     from pipeline.data.ingest import ingest

@@ -26,15 +26,6 @@ from pipeline.infer.predictor import Predictor, decode_image
 from test_evaluate import IMAGE_SIZE, make_assets
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_env():
-    """No MLflow telemetry, no Ray auth token (set before either library is first used here)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        yield
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.getbasetemp() / "tiny_assets")

@@ -23,15 +23,6 @@ from test_evaluate import make_assets
 NAME = "lip-vgg16-testset"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_env():
-    """No MLflow telemetry, no Ray auth token (set before either library is first used here)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A fresh SQLite store for this module, via MLFLOW_TRACKING_URI (never the repo root)."""

@@ -420,7 +420,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     cpw = cfg.cpus_per_worker
     loop_config = {**cfg.to_dict(), "model_config": cfg.model_config(), "train_config": cfg.to_dict(),
-                   "torch_threads": max(1, int(cpw))}
+                   "torch_threads": max(1, int(cpw)), "mlflow_tracking_uri": ctx["env"]["MLFLOW_TRACKING_URI"]}
     resources = {"CPU": cpw, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer_cls = _sweep_trainer_cls()
     trainer = trainer_cls(
