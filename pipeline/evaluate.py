@@ -281,6 +281,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def write_confusion_csv(confusion, classes: Sequence[str], path) -> Path:
     """One row per test image, ``actual,predicted`` class names: what DVC's confusion template
     (``dvc plots show --template confusion -x actual -y predicted``) expects."""
@@ -314,12 +323,7 @@ def plot_confusion(confusion, classes: Sequence[str], path, *, title: str = "") 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of actual class")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_outputs(metrics: dict, confusion, classes: Sequence[str], *, metrics_path, plots_dir,
@@ -368,9 +372,4 @@ def plot_history(history: list[dict], path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
