@@ -438,7 +438,5 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ablation_command(args: argparse.Namespace) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     run_ablation(args.params, seeds=args.seeds, epochs=args.epochs, output=args.output,
                  max_concurrent=args.max_concurrent)

@@ -860,7 +860,5 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tune_command(args: argparse.Namespace) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     run_sweep(args.params, num_samples=args.num_samples, resume=args.resume, apply=args.apply,
               output=args.output, max_concurrent=args.max_concurrent)
