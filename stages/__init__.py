@@ -11,6 +11,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def dataset_argument(known) -> str:
+    """The stage's one argument (the dataset name), checked against ``known``."""
+    known = sorted(known)
+    if len(sys.argv) != 2 or sys.argv[1] not in known:
+        got = repr(sys.argv[1]) if len(sys.argv) > 1 else "nothing"
+        raise FerError(f"expected one dataset name, one of {known}; got {got}")
+    return sys.argv[1]
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage; a user-facing error is one line and a non-zero exit, not a traceback."""
     try:

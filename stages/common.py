@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pipeline
 from pipeline.config import load_params, section
+from pipeline.data._util import output_lock
+from pipeline.train.launch import check_output
 
 CODE = Path(pipeline.__file__).parent
 
@@ -30,13 +31,15 @@ def train_stage(*, stage: str, dataset: str, section_name: str, init: str) -> di
     digest = h.hexdigest()[:10]
     cfg = TrainConfig.from_dict({**options, "data": f"data/parquet/{dataset}", "init": init,
                                  "output": str(output), "run_name": f"{stage}-{digest}"})
+    check_output(output)  # refuse a foreign folder before an MLflow run is opened
     experiment = section(params, "mlflow")["experiment"]
     run_id = tracking.start_run(experiment, f"{stage}-{digest}", stage=stage, dataset=dataset,
                                 params=cfg.to_dict())
     cfg.mlflow_run_id = run_id
-    shutil.rmtree(output, ignore_errors=True)
     try:
-        summary = run_training(cfg, extra_loop_config={"mlflow_tracking_uri": tracking.tracking_uri()})
+        # The previous model stays until the new one is complete (run_training swaps it in).
+        with output_lock(output):
+            summary = run_training(cfg, extra_loop_config={"mlflow_tracking_uri": tracking.tracking_uri()})
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

@@ -1,18 +1,17 @@
 """DVC stage evaluate@<dataset>: ten-crop test metrics, confusion plots, MLflow model + registry."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import load_params, section
 from pipeline.data.classes import CLASSES
 from pipeline.evaluate import evaluate_checkpoint, write_outputs
-from stages import run_stage
+from stages import dataset_argument, run_stage
 
 
 def main() -> None:
-    dataset = sys.argv[1]
+    dataset = dataset_argument(("rafdb", "sfew"))
     params = load_params()
     opts = section(params, "evaluate")
     model_path = Path("models") / dataset / "model.pt"

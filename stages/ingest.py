@@ -1,13 +1,12 @@
 """DVC stage ingest@<dataset>: a dataset folder (real or synthetic) -> validated parquet + report."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from pipeline.config import load_params, section
 from pipeline.data.ingest import ingest
 from pipeline.errors import FerError
-from stages import run_stage
+from stages import dataset_argument, run_stage
 
 DOWNLOAD_HINTS = {
     "rafdb": "RAF-DB (basic) from http://www.whdeng.cn/raf/model1.html (licence agreement required); "
@@ -28,8 +27,8 @@ def source_path(params: dict, dataset: str) -> Path:
 
 
 def main() -> None:
-    dataset = sys.argv[1]
     params = load_params()
+    dataset = dataset_argument(section(params, "datasets"))
     opts = section(params, "ingest")
     ingest(source_path(params, dataset), Path("data/parquet") / dataset,
            report_path=Path("reports") / f"ingest_{dataset}.json", dataset=dataset,

@@ -50,7 +50,7 @@ def _bytes(p: Path) -> dict[str, bytes]:
 def test_parquet_schema_and_content(raf300, ingested):
     base, rep = ingested
     out = base / "pq"
-    assert sorted(f.name for f in out.iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
+    assert sorted(f.name for f in out.iterdir()) == [".fer-output.json", "test.parquet", "train.parquet", "val.parquet"]
     dset = ds.dataset(out)
     assert dset.schema.names == COLUMNS
     assert dset.schema.equals(SCHEMA)
@@ -206,6 +206,7 @@ def test_too_many_bad_files_fails_with_one_clear_line(bad_raf, tmp_path):
     old = tmp_path / "pq"
     old.mkdir()
     (old / "keep.parquet").write_bytes(b"old")
+    (old / ".fer-output.json").write_text("{}")  # a previous ingest output: may be replaced
     report = tmp_path / "reports" / "bad.json"
     with pytest.raises(FerError) as e:
         ingest(root, old, report_path=report, progress=False)   # default max_bad_fraction 0.05
@@ -214,7 +215,7 @@ def test_too_many_bad_files_fails_with_one_clear_line(bad_raf, tmp_path):
     assert "\n" not in msg
     rep = json.loads(report.read_text())                         # report still written
     assert rep["failed"] is True and len(rep["rejected"]) == len(expect)
-    assert sorted(p.name for p in old.iterdir()) == ["keep.parquet"]  # old OUT untouched
+    assert sorted(p.name for p in old.iterdir()) == [".fer-output.json", "keep.parquet"]  # old OUT untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pq.")]
 
 
@@ -253,7 +254,7 @@ def test_imagefolder_keeps_its_own_val_and_class_names(tmp_path):
     assert rep["val"]["source"] == "folder"
     t = ds.dataset(tmp_path / "pq").to_table()
     assert set(zip(t.column("label").to_pylist(), t.column("label_name").to_pylist())) == {(0, "cat"), (1, "dog")}
-    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == ["train.parquet", "val.parquet"]
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == [".fer-output.json", "train.parquet", "val.parquet"]
 
 
 # --------------------------------------------------------------------------- atomicity

@@ -1,15 +1,27 @@
-"""Shared by ingest, the loader and the synthetic writer: process pools, a progress bar and
-atomic folder replacement."""
+"""Shared by ingest, the loader, the synthetic writer and training's outputs: process pools, a
+progress bar, and the rules for replacing an output folder (only one the project wrote, under a
+lock, swapped in whole at the end)."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from pipeline.errors import FerError
+
+#: Written into every output folder the project creates; a folder holding it may be replaced.
+MARKER = ".fer-output.json"
 
 
 def default_workers(workers: int | None = None) -> int:
@@ -31,8 +43,21 @@ def process_pool(workers: int, initializer=None, initargs=()) -> ProcessPoolExec
     Elsewhere the platform's default (spawn on macOS and Windows)."""
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else None)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer,
-                               initargs=initargs)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                               initargs=(os.getpid(), initializer, tuple(initargs)))
+
+
+def _die_with_parent(parent_pid: int, initializer, initargs) -> None:
+    """Pool initializer: a SIGKILLed parent never gets to stop its pool, so on Linux the kernel
+    is asked to SIGKILL each worker when its parent dies (prctl PR_SET_PDEATHSIG); a parent that
+    died before that call is caught by the ppid check."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 class Progress:
@@ -73,6 +98,69 @@ def umask_mode(mode: int = 0o777) -> int:
     old = os.umask(0)
     os.umask(old)
     return mode & ~old
+
+
+def check_replaceable(out: Path, *, what: str, legacy_names: frozenset[str] = frozenset(),
+                      markers: tuple[str, ...] = (MARKER,)) -> None:
+    """Refuse (FerError, nothing touched) unless ``out`` is missing, an empty folder, or a folder
+    this project wrote: it holds one of ``markers``, or (outputs of versions before the marker)
+    nothing but ``legacy_names``. Never delete a user's folder because it was named as OUT."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise FerError(f"{out} exists and is not a folder; choose another output path")
+    try:
+        names = {p.name for p in out.iterdir()}
+    except OSError as e:
+        raise FerError(f"cannot read {out}: {e.strerror or e}") from e
+    if not names or any(m in names for m in markers) or (legacy_names and names <= legacy_names):
+        return
+    raise FerError(f"{out} is not empty and was not written by {what} (no {markers[0]} in it); "
+                   "nothing was changed: choose an empty or new output folder")
+
+
+def write_marker(folder: Path, what: str, **info) -> None:
+    """The marker that lets a later run recognise (and replace) this output folder. Its content
+    is a function of ``what`` and ``info`` only, so that the folder's DVC hash is reproducible."""
+    (folder / MARKER).write_text(json.dumps({"written_by": what, **info}, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, what: str = "the output"):
+    """Hold an exclusive lock on output ``out`` for the block; a second run on the same output
+    fails at once with a line naming the holder's PID. The lock is ``flock`` on ``.OUT.lock``
+    beside OUT (holding the PID), so a killed run never leaves a stale lock; the file is removed
+    on release, and a run that locked a file just removed by its holder tries again."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FerError(f"cannot write {what} at {out}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise FerError(f"{out} is being written by another run (pid {holder}); wait for it "
+                           "to finish, or choose another output") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file its holder had just removed: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
 
 
 def cleanup_stale(out: Path) -> None:

@@ -5,7 +5,9 @@ candidate in a process pool (both cores by default, chunked, progress bar on std
 stratified, seeded ``val`` split out of train (duplicates kept on one side), check the bad
 fraction per split, then stream the original encoded bytes into one parquet file per split in a
 temporary folder next to OUT, renamed into place only at the end. A killed ingest leaves OUT as
-it was (an orphaned ``.OUT.tmp-*`` folder at most, removed by the next run).
+it was (an orphaned ``.OUT.tmp-*`` folder at most, removed by the next run). OUT is replaced
+only if it is missing, empty or a previous ingest output (its marker file), and only by one
+ingest at a time (a lock beside it): a user's folder named as OUT is never touched.
 
 Parquet schema (contract): image (binary, bytes untouched), label (int8; int16 only for
 ImageFolder sets with more than 127 classes), label_name, split (train/val/test), source (path
@@ -27,12 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data import _validate
-from pipeline.data._util import (Progress, cleanup_stale, default_workers, process_pool,
-                                 swap_into_place, umask_mode)
-from pipeline.data.layouts import Record, Scan, read_layout
+from pipeline.data._util import (Progress, check_replaceable, cleanup_stale, default_workers,
+                                 output_lock, process_pool, swap_into_place, umask_mode,
+                                 write_marker)
+from pipeline.data.layouts import Record, Scan, read_layout, shown
 from pipeline.errors import FerError
 
 SPLITS = ("train", "val", "test")
+#: An OUT holding only these (written before the marker existed) is a previous ingest output.
+_LEGACY_FILES = frozenset(f"{s}.parquet" for s in SPLITS)
 _CHUNK = 48
 _ROWS_PER_GROUP = 1024
 
@@ -128,18 +133,18 @@ def _write_split(path: Path, rows: list[tuple[Record, dict]], root: Path, class_
                 try:
                     data = (root / rec.source).read_bytes()
                 except OSError as e:
-                    changed.append({"source": rec.source, "reason": f"unreadable on second read: {e}",
+                    changed.append({"source": shown(rec.source), "reason": f"unreadable on second read: {e}",
                                     "split": res["split"]})
                     continue
                 if hashlib.sha256(data).hexdigest() != res["sha256"]:
-                    changed.append({"source": rec.source, "reason": "file changed during ingest",
+                    changed.append({"source": shown(rec.source), "reason": "file changed during ingest",
                                     "split": res["split"]})
                     continue
                 cols["image"].append(data)
                 cols["label"].append(rec.label)
                 cols["label_name"].append(class_names[rec.label])
                 cols["split"].append(res["split"])
-                cols["source"].append(rec.source)
+                cols["source"].append(shown(rec.source))
                 cols["sha256"].append(res["sha256"])
                 cols["height"].append(res["height"])
                 cols["width"].append(res["width"])
@@ -165,6 +170,7 @@ def _write_all(out: Path, good, src: Path, names, schema, progress: bool, change
                     _write_split(tmp / f"{s}.parquet", good[s], src, names, schema, bar, changed)
         finally:
             bar.close()
+        write_marker(tmp, "fer ingest")  # pyarrow.dataset skips dot-files: not read as data
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,9 +213,16 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
     rsrc, rout = src.resolve(), out.resolve()
     if rsrc == rout or rout in rsrc.parents:
         raise FerError(f"OUT ({out}) must not be the dataset folder or contain it")
-    if out.exists() and not out.is_dir():
-        raise FerError(f"{out} exists and is not a folder")
+    check_replaceable(out, what="fer ingest", legacy_names=_LEGACY_FILES)
+    with output_lock(out, "the parquet dataset"):
+        check_replaceable(out, what="fer ingest", legacy_names=_LEGACY_FILES)  # may have changed
+        return _ingest(src, out, report_path, dataset, val_fraction, seed, max_bad_fraction,
+                       workers, progress, max_pixels, t0)
 
+
+def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_bad_fraction,
+            workers, progress, max_pixels, t0) -> dict:
+    rsrc, rout = src.resolve(), out.resolve()
     scan: Scan = read_layout(src)
     dataset = dataset or scan.default_dataset
     report_path = Path(report_path) if report_path else Path("reports") / f"ingest_{dataset}.json"
@@ -219,7 +232,7 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
 
     results = _validate_all([str(src / r.source) for r in scan.records], workers, progress, max_pixels)
 
-    rejected = [{"source": r.source, "reason": r.reason, "split": r.split} for r in scan.rejected]
+    rejected = [{"source": shown(r.source), "reason": r.reason, "split": r.split} for r in scan.rejected]
     converted: Counter = Counter()
     good: dict[str, list[tuple[Record, dict]]] = {s: [] for s in SPLITS}
     for rec, res in zip(scan.records, results):
@@ -229,7 +242,7 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
             if res["mode"] != "RGB":
                 converted[res["mode"]] += 1
         else:
-            rejected.append({"source": rec.source, "reason": res["reason"], "split": rec.split})
+            rejected.append({"source": shown(rec.source), "reason": res["reason"], "split": rec.split})
 
     # bad fraction per split as found in the source (before val is carved)
     bad_n = Counter(r["split"] for r in rejected)
@@ -255,7 +268,7 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for s in SPLITS:
         for rec, res in good[s]:
-            by_sha[res["sha256"]].append({"split": s, "source": rec.source})
+            by_sha[res["sha256"]].append({"split": s, "source": shown(rec.source)})
     leakage, within = [], []
     for sha, entries in sorted(by_sha.items(), key=lambda kv: kv[1][0]["source"]):
         if len(entries) > 1:
@@ -277,6 +290,8 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
         "bad": bad,
         "max_bad_fraction": max_bad_fraction,
         "rejected": rejected,
+        "warnings": [{"source": shown(w.source), "reason": w.reason, "split": w.split}
+                     for w in scan.warnings],
         "converted": dict(sorted(converted.items())),
         "duplicates": {"leakage": leakage, "within_split": within,
                        "n_leakage_groups": len(leakage), "n_within_split_groups": len(within)},
@@ -310,7 +325,7 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
         gone = {(c["split"], c["source"]) for c in changed}
         for s in SPLITS:
             for rec, _ in good[s]:
-                if (s, rec.source) in gone:
+                if (s, shown(rec.source)) in gone:
                     report["class_counts"][s][names[rec.label]] -= 1
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["images_per_s"] = round(report["scanned"] / max(report["seconds"], 1e-9), 1)

@@ -67,6 +67,7 @@ class Scan:
     root: Path
     records: list[Record] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[Rejected] = field(default_factory=list)  # e.g. empty class folders
     class_names: tuple[str, ...] = CLASSES
     default_dataset: str = ""
 
@@ -76,6 +77,13 @@ class Scan:
 
 def _rel(root: Path, p: Path) -> str:
     return os.path.relpath(p, root).replace(os.sep, "/")
+
+
+def shown(source: str) -> str:
+    """A path as text that any UTF-8 writer accepts: bytes of a file name that are not valid
+    UTF-8 (kept by Python as surrogate escapes, so the file can still be opened) become
+    ``\\xNN``. Used wherever a path is written into parquet or JSON."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _inside(real_root: str, p: Path) -> bool:
@@ -95,20 +103,29 @@ def _child_dirs(d: Path) -> dict[str, Path]:
 
 
 def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
-                rejected: list[Rejected], _seen: set[str] | None = None):
+                rejected: list[Rejected], _seen: set[str] | None = None,
+                warnings: list[Rejected] | None = None):
     """Yield files under ``top`` (sorted, dotfiles skipped).
 
     Symlinks (files or folders) that resolve outside the root are rejected here; symlinked
-    folders inside the root are walked once (no cycles).
+    folders inside the root are walked once (no cycles). A folder that cannot be listed is
+    rejected (it counts as bad: its images are missing); an empty folder is a warning.
     """
     _seen = set() if _seen is None else _seen
     real_top = os.path.realpath(top)
     if real_top in _seen:
         return
     _seen.add(real_top)
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+
+    def unreadable(e: OSError) -> None:
+        where = _rel(root, Path(e.filename)) if e.filename else _rel(root, top)
+        rejected.append(Rejected(where, f"unreadable folder: {e.strerror or e}", split))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False, onerror=unreadable):
         dirnames.sort()
         d = Path(dirpath)
+        if warnings is not None and not dirnames and not [f for f in filenames if not _skip(f)]:
+            warnings.append(Rejected(_rel(root, d), "empty folder", split))
         keep = []
         for dn in dirnames:
             if _skip(dn):
@@ -119,7 +136,7 @@ def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
                     rejected.append(Rejected(_rel(root, p), "symlink escapes the dataset root", split))
                     continue
                 # a symlinked folder inside the root: walk it (os.walk would not)
-                yield from _walk_files(root, p, real_root, split, rejected, _seen)
+                yield from _walk_files(root, p, real_root, split, rejected, _seen, warnings)
                 continue
             keep.append(dn)
         dirnames[:] = keep
@@ -305,7 +322,7 @@ def read_rafdb_repackaged(root: str | os.PathLike) -> Scan:
         split = sname.lower()
         if split not in ("train", "test"):
             continue
-        for p in _walk_files(root, sdir, real_root, split, scan.rejected):
+        for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
             rel_parts = p.relative_to(sdir).parts
             src = _rel(root, p)
             if len(rel_parts) < 2:
@@ -334,7 +351,7 @@ def read_sfew(root: str | os.PathLike) -> Scan:
         sdir = splits.get(split)
         if sdir is None:
             continue
-        for p in _walk_files(root, sdir, real_root, split, scan.rejected):
+        for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
             src = _rel(root, p)
             parents = p.relative_to(sdir).parts[:-1]
             label = None
@@ -368,7 +385,7 @@ def read_imagefolder(root: str | os.PathLike) -> Scan:
     scan = Scan("imagefolder", root, class_names=names, default_dataset=root.resolve().name)
     for split, dirs in splits.items():
         for sdir in dirs:
-            for p in _walk_files(root, sdir, real_root, split, scan.rejected):
+            for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
                 rel_parts = p.relative_to(sdir).parts
                 src = _rel(root, p)
                 if len(rel_parts) < 2:

@@ -62,8 +62,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.data._util import (cleanup_stale, default_workers, process_pool, swap_into_place,
-                                 umask_mode)
+from pipeline.data._util import (check_replaceable, cleanup_stale, default_workers, output_lock,
+                                 process_pool, swap_into_place, umask_mode)
 from pipeline.data.classes import CLASSES, RAFDB_TRAIN_COUNTS, SFEW_FOLDERS
 from pipeline.errors import FerError
 
@@ -489,17 +489,17 @@ def write_synthetic(out: str | os.PathLike, layout: str = "rafdb", n: int | None
     """
     if layout not in DEFAULT_N:
         raise FerError(f"unknown synthetic layout {layout!r}; use 'rafdb' or 'sfew'")
-    n = DEFAULT_N[layout] if n is None else int(n)
-    if n < 1:
-        raise FerError(f"--n must be at least 1, got {n}")
+    n = DEFAULT_N[layout] if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise FerError(f"n = {n!r}: the number of images must be an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FerError(f"seed = {seed!r}: must be an integer")
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise FerError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / _MARKER).is_file():
-            raise FerError(f"{out} exists, is not empty and is not a synthetic set; choose another OUT")
+    check_replaceable(out, what="fer synth", markers=(_MARKER,))
     try:
-        return _write(out, layout, n, seed, workers)
+        with output_lock(out, "the synthetic set"):
+            check_replaceable(out, what="fer synth", markers=(_MARKER,))
+            return _write(out, layout, n, seed, workers)
     except OSError as e:
         raise FerError(f"cannot write the synthetic set at {out}: {e}") from e
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.data._util import (check_replaceable, cleanup_stale, swap_into_place, umask_mode,
+                                 write_marker)
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
 from pipeline.train.worker import CONFIG_FILE, STATE_FILE, train_loop_per_worker
@@ -64,6 +68,15 @@ def _resources(cfg: TrainConfig) -> tuple[bool, float]:
     return use_gpu, cpw
 
 
+#: A training output of versions before the marker held only these files.
+_LEGACY_OUTPUT = frozenset({"model.pt", "history.json"})
+
+
+def check_output(out: Path) -> None:
+    """FerError unless ``out`` may be replaced by a training run (missing, empty, or one)."""
+    check_replaceable(out, what="training", legacy_names=_LEGACY_OUTPUT)
+
+
 def latest_checkpoint_dir(storage_path: str, run_name: str) -> Path | None:
     """Newest `epoch_NNNN` checkpoint of a run in local storage (None: none, or remote storage)."""
     if _is_uri(storage_path):
@@ -95,6 +108,7 @@ def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_output(Path(cfg.output))  # before hours of training, not after
     data = Path(cfg.data).resolve()
     if not data.is_dir():
         raise FerError(f"data directory {data} does not exist")
@@ -149,15 +163,26 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
     from pipeline.data.classes import CLASSES
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)
     classes = list(CLASSES) if cfg.num_classes == len(CLASSES) else [f"class_{i}" for i in range(cfg.num_classes)]
-    torch.save({
-        "state_dict": st["best_state"], "model_config": st["model_config"], "classes": classes,
-        "image_size": cfg.image_size, "crop": cfg.crop, "epoch": st["best_epoch"],
-        "val_accuracy": st["best_val_accuracy"], "train_config": cfg.to_dict(),
-    }, out / "model.pt")
     history = st["history"]
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    # Written beside OUT and swapped in whole: a killed run leaves the previous model in place.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        os.chmod(tmp, umask_mode())
+        torch.save({
+            "state_dict": st["best_state"], "model_config": st["model_config"], "classes": classes,
+            "image_size": cfg.image_size, "crop": cfg.crop, "epoch": st["best_epoch"],
+            "val_accuracy": st["best_val_accuracy"], "train_config": cfg.to_dict(),
+        }, tmp / "model.pt")
+        (tmp / "history.json").write_text(json.dumps(history, indent=1))
+        write_marker(tmp, "training")
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ips = [h["images_per_s"] for h in history]
     summary = {
         "best_val_accuracy": st["best_val_accuracy"], "best_epoch": st["best_epoch"],
