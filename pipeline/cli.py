@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from pipeline.errors import FerError
+from pipeline.errors import as_user_error
 
 
 def _synth(a: argparse.Namespace) -> None:
@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except FerError as e:
-        print(f"fer {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
+        msg = as_user_error(e)
+        if msg is None:
+            raise
+        print(f"fer {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fer {args.command}: interrupted", file=sys.stderr)

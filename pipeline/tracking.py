@@ -60,11 +60,24 @@ def sqlite_root(uri: str) -> Path | None:
     return Path(db).resolve().parent
 
 
+#: MLflow's own defaults (120 s per request, 7 retries with backoff) leave a command silent for
+#: many minutes when the tracking server is unreachable; these give up within about 25 s.
+#: Set the variables to override them.
+NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def _network_defaults() -> None:
+    for k, v in NETWORK_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
 def client():
     """An ``MlflowClient`` on :func:`tracking_uri` (the registry follows it unless
     ``MLFLOW_REGISTRY_URI`` says otherwise)."""
     from mlflow import MlflowClient
 
+    _network_defaults()
     return MlflowClient(tracking_uri=tracking_uri())
 
 
@@ -75,6 +88,7 @@ def using_store():
     ``MLFLOW_TRACKING_URI`` variable (MLflow's own setter rewrites it): no state leaks."""
     import mlflow
 
+    _network_defaults()
     uri = tracking_uri()
     try:
         from mlflow.tracking._tracking_service import utils as _tu
@@ -246,6 +260,8 @@ def log_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_nam
     import pipeline
     from pipeline.infer.pyfunc import FerPyfunc
 
+    from pipeline.infer.resolve import SHA_KEY, sha256_file
+
     ckpt = Path(checkpoint_path)
     if not ckpt.is_file():
         raise FerError(f"checkpoint {ckpt} not found")
@@ -264,6 +280,8 @@ def log_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_nam
             python_model=FerPyfunc(), artifacts={"checkpoint": str(ckpt)},
             code_paths=[str(Path(pipeline.__file__).parent)],
             pip_requirements=_pip_requirements(), registered_model_name=registered_name,
+            # `fer predict` checks the checkpoint against this before loading it
+            metadata={SHA_KEY: sha256_file(ckpt)},
         )
 
 

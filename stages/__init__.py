@@ -5,7 +5,7 @@ import os
 import sys
 from typing import Callable
 
-from pipeline.errors import FerError
+from pipeline.errors import FerError, as_user_error
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -24,6 +24,9 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage; a user-facing error is one line and a non-zero exit, not a traceback."""
     try:
         main()
-    except FerError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
+        msg = as_user_error(e)
+        if msg is None:
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
         sys.exit(2)

@@ -27,36 +27,22 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def load_predictor(model: str | None, device: str | None = None):
-    """A Predictor from a checkpoint path or a ``models:/`` / ``runs:/`` URI."""
+    """A Predictor from a checkpoint path, a logged-model folder or a ``models:/`` / ``runs:/`` /
+    ``file://`` / ``s3://`` URI. Never unpickles: see :mod:`pipeline.infer.resolve`."""
     from pipeline.infer.predictor import Predictor
+    from pipeline.infer.resolve import checkpoint_path
 
     if model is None:
         model = DEFAULT_MODELS[0] if Path(DEFAULT_MODELS[0]).is_file() else DEFAULT_MODELS[1]
-    if "://" in model or model.startswith(("models:/", "runs:/")):
-        import mlflow.pyfunc
-        from mlflow.exceptions import MlflowException
-
-        from pipeline.tracking import sqlite_root, tracking_uri, using_store
+    if model.startswith(("models:/", "runs:/")):
+        from pipeline.tracking import sqlite_root, tracking_uri
 
         uri = tracking_uri()
         if sqlite_root(uri) and not Path(uri[len("sqlite:///"):]).is_file():
             raise FerError(f"no model at {model}: the MLflow store {uri} does not exist yet "
                            "(run the pipeline, or pass --model path/to/model.pt)")
-        try:
-            with using_store():
-                loaded = mlflow.pyfunc.load_model(model)
-        except (MlflowException, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FerError(f"cannot load {model} from {tracking_uri()}: {msg} "
-                           "(pass --model path/to/model.pt)") from e
-        inner = loaded.unwrap_python_model()
-        pred = getattr(inner, "predictor", None)
-        if pred is None:
-            raise FerError(f"{model} is not a model logged by this pipeline")
-        if device:
-            pred.to(device)
-        return pred
-    return Predictor(model, device=device)
+    with checkpoint_path(model) as ckpt:
+        return Predictor(str(ckpt), device=device)
 
 
 def read_photo(path: str):
@@ -79,12 +65,17 @@ def read_photo(path: str):
 
 
 def predict_photos(paths: list[str], predictor, *, margin: float = 0.2) -> list[dict]:
-    """One entry per photo: ``{"photo", "faces": [{"box", "detected", "label", "probabilities"}]}``."""
+    """One entry per photo: ``{"photo", "faces": [{"box", "detected", "label", "probabilities"}]}``,
+    or ``{"photo", "error"}`` for a photo that cannot be read: one bad file does not stop the rest."""
     from pipeline.infer.faces import find_faces
 
-    images = [read_photo(p) for p in paths]  # every file checked before any work
     out = []
-    for path, img in zip(paths, images):
+    for path in paths:
+        try:
+            img = read_photo(path)
+        except FerError as e:
+            out.append({"photo": path, "error": str(e)})
+            continue
         faces = find_faces(img, margin=margin)
         preds = predictor.predict_faces([f.image for f in faces])
         out.append({"photo": path, "faces": [
@@ -95,6 +86,9 @@ def predict_photos(paths: list[str], predictor, *, margin: float = 0.2) -> list[
 def format_text(results: list[dict]) -> str:
     lines = []
     for r in results:
+        if "error" in r:
+            lines.append(f"{r['photo']}: error: {r['error'].removeprefix(r['photo'] + ': ')}")
+            continue
         faces = r["faces"]
         if len(faces) == 1 and not faces[0]["detected"]:
             head = [f"{r['photo']}: no face found, using the whole image"]
@@ -111,13 +105,19 @@ def format_text(results: list[dict]) -> str:
 
 
 def predict_command(args: argparse.Namespace) -> None:
-    """The `fer predict` action: prints expressions per face, raises FerError on bad input."""
-    for p in args.photos:  # fail fast, before loading the model
-        if not os.path.exists(p):
-            raise FerError(f"{p}: no such file")
+    """The `fer predict` action: prints expressions per face. A photo that cannot be read is
+    reported on its own line (or in the JSON) and the rest go on; FerError at the end if any
+    failed, and at once if none of the files exists or the model cannot be loaded."""
+    if not any(os.path.exists(p) for p in args.photos):  # fail fast, before loading the model
+        raise FerError(f"{args.photos[0]}: no such file" if len(args.photos) == 1
+                       else "none of the photos exists")
     predictor = load_predictor(getattr(args, "model", None), getattr(args, "device", None))
     results = predict_photos(list(args.photos), predictor, margin=getattr(args, "margin", 0.2))
     if getattr(args, "json", False):
         print(json.dumps(results, indent=2))
     else:
         print(format_text(results))
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise FerError(f"{len(failed)} of {len(results)} photos could not be read: "
+                       + "; ".join(failed))
