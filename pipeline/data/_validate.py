@@ -1,19 +1,25 @@
-"""Decode-and-validate one file (runs in ingest's worker processes; imports only PIL)."""
+"""Decode-and-validate one file (runs in ingest's worker processes; imports only numpy and PIL).
+
+Validation *is* decoding: :func:`check_bytes` runs :func:`pipeline.data._decode.decode`, the
+function the loader and the predictor use, so "ok" means "the loader can decode it" and the
+reported size is the EXIF-oriented one the loader will produce.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import warnings
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
-#: Images above this many pixels are rejected as decompression bombs (never decoded).
-MAX_PIXELS = 40_000_000
+from pipeline.data._decode import MAX_PIXELS, DecodeError, decode
+
+__all__ = ["MAX_PIXELS", "check_bytes", "check_file", "check_files", "configure", "configured"]
 
 
 def configure(max_pixels: int = MAX_PIXELS) -> None:
-    """Pool initializer: PIL's own bomb guard at the same limit, truncated images are errors."""
+    """Pool initializer: truncated images are errors, and PIL's own bomb guard sits at the same
+    limit as a backstop (it errors only above twice the limit; :func:`decode` refuses from the
+    header at the limit itself)."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -30,44 +36,23 @@ def configured(max_pixels: int = MAX_PIXELS):
 
 
 def check_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> dict:
-    """Validate encoded image bytes.
+    """Validate encoded image bytes by decoding them the way the loader does.
 
     Returns ``{"ok", "reason", "sha256", "height", "width", "mode", "format"}``; ``reason`` is
-    None when ok. The bytes are never modified: a non-RGB mode is only reported (the loader
-    converts to RGB at decode time).
+    None when ok, else :func:`~pipeline.data._decode.decode`'s one-line error. ``mode`` is the
+    stored mode and the bytes are never modified: a non-RGB image is only reported (the loader
+    converts it at decode time). ``height``/``width`` are EXIF-oriented.
     """
     res = {"ok": False, "reason": None, "sha256": hashlib.sha256(data).hexdigest(),
            "height": 0, "width": 0, "mode": None, "format": None}
-    if not data:
-        res["reason"] = "zero-byte file"
-        return res
+    info: dict = {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                res.update(width=int(w), height=int(h), mode=im.mode, format=im.format)
-                if w <= 0 or h <= 0:
-                    res["reason"] = f"invalid size {w}x{h}"
-                    return res
-                if w * h > max_pixels:
-                    res["reason"] = (f"decompression bomb: {w}x{h} = {w * h / 1e6:.0f} megapixels "
-                                     f"exceeds the {max_pixels / 1e6:.0f} megapixel limit")
-                    return res
-                im.load()
-                if im.mode != "RGB":
-                    im.convert("RGB")  # proves the loader can convert it
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        res["reason"] = f"decompression bomb: {e}"
-        return res
-    except UnidentifiedImageError:
-        res["reason"] = "not an image (unrecognised format)"
-        return res
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
-        msg = str(e).strip() or type(e).__name__
-        res["reason"] = f"truncated or corrupt image: {msg}"
-        return res
-    res["ok"] = True
+        decode(data, max_pixels=max_pixels, info=info)
+    except DecodeError as e:
+        res["reason"] = str(e)
+    else:
+        res["ok"] = True
+    res.update(info)
     return res
 
 

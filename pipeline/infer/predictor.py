@@ -7,31 +7,32 @@ forward pass, softmax averaged. No second copy of that code lives here.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.data._decode import DecodeError, decode
 from pipeline.errors import FerError
 
 
-def decode_image(data: bytes, *, exif: bool = True) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 HxWx3 (EXIF orientation applied when ``exif``)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 HxWx3, by the pipeline's one decoder
+    (:func:`pipeline.data._decode.decode`: pixel cap from the header, EXIF orientation, 16-bit
+    and float modes scaled to 8 bits), so a photo gives the pixels training saw."""
+    return _decode(data)
 
+
+def _decode(data, size: int | None = None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if exif:
-                im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError as e:
-        raise FerError("not an image (unrecognised format)") from e
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise FerError(f"cannot decode image: {str(e).strip() or type(e).__name__}") from e
+        return decode(bytes(data), size)
+    except DecodeError as e:
+        raise FerError(str(e)) from e
 
 
 def _rgb_array(a) -> np.ndarray:
+    """An image array -> uint8 HxWx3. Values are 0..255 whatever the integer dtype (JSON gives
+    int64), so they are clipped, not rescaled; floats follow decode's F rule (0..1 if max <= 1)."""
     a = np.asarray(a)
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
@@ -47,18 +48,12 @@ def _rgb_array(a) -> np.ndarray:
 
 
 def to_model_input(face, size: int) -> np.ndarray:
-    """One face (bytes or HxWx3 array) -> RGB uint8 ``size x size x 3``, as the loader does it."""
+    """One face (bytes or HxWx3 array) -> RGB uint8 ``size x size x 3``, as the loader does it
+    (encoded bytes go through the loader's own decode, resize included)."""
     from PIL import Image
 
-    from pipeline.data._decode import decode_chunk
-
     if isinstance(face, (bytes, bytearray, memoryview)):
-        data = bytes(face)
-        try:
-            return decode_chunk(([data], size))[0]
-        except Exception:  # noqa: BLE001 - re-decoded below for a precise one-line message
-            decode_image(data, exif=False)
-            raise
+        return _decode(face, size)
     a = _rgb_array(face)
     if a.shape[:2] == (size, size):
         return a

@@ -3,8 +3,10 @@
 Input: a pandas DataFrame with an ``image`` column (encoded bytes, base64 strings as sent to
 ``mlflow models serve`` in JSON, or uint8 HxWx3 arrays), or a list / array of uint8 HxWx3 images
 or encoded bytes. Output: a DataFrame with ``label`` and one probability column per class. The
-preprocessing (resize, ten-crop, softmax average) is :class:`pipeline.infer.predictor.Predictor`'s,
-which is evaluation's.
+preprocessing (decode, resize, ten-crop, softmax average) is
+:class:`pipeline.infer.predictor.Predictor`'s, which is evaluation's: encoded bytes go through the
+loader's decoder (:func:`pipeline.data._decode.decode`), pixel cap and EXIF orientation included.
+An undecodable image is a ``ValueError`` with a one-line message.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import binascii
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+from pipeline.errors import FerError
 
 
 def _as_image(v):
@@ -64,6 +68,10 @@ class FerPyfunc(mlflow.pyfunc.PythonModel):
         classes = self.predictor.classes
         if not images:
             return pd.DataFrame(columns=["label", *classes])
-        preds = self.predictor.predict_faces(images)
+        try:
+            preds = self.predictor.predict_faces(images)
+        except FerError as e:
+            # a plain ValueError for MLflow callers; the message is the decoder's one line
+            raise ValueError(str(e)) from e
         rows = [{"label": p["label"], **p["probabilities"]} for p in preds]
         return pd.DataFrame(rows, columns=["label", *classes])
