@@ -39,7 +39,8 @@ def _read_checkpoint(source) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a one-line message for any unreadable file
-        raise FerError(f"{path} is not a readable model checkpoint: {type(e).__name__}: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FerError(f"{path} is not a readable model checkpoint: {type(e).__name__}: {first}") from e
 
 
 def model_from_checkpoint(ckpt: dict):

@@ -267,7 +267,7 @@ def read_rafdb_basic(root: str | os.PathLike) -> Scan:
         img_dir = base / "Image" / "original"
     label_file = base / RAFDB_LABEL_FILE
     try:
-        text = label_file.read_text(encoding="utf-8", errors="replace")
+        text = label_file.read_text(encoding="utf-8", errors="surrogateescape")  # names as on disk
     except OSError as e:
         raise FerError(f"cannot read {label_file}: {e}") from e
     seen: set[str] = set()
