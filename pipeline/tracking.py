@@ -61,9 +61,9 @@ def sqlite_root(uri: str) -> Path | None:
 
 
 #: MLflow's own defaults (120 s per request, 7 retries with backoff) leave a command silent for
-#: many minutes when the tracking server is unreachable; these give up within about 25 s.
-#: Set the variables to override them.
-NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+#: many minutes when the tracking server is unreachable; these give up within about 18 s (two
+#: attempts of 8 s). Set the variables to override them (a slow server, large uploads).
+NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "8", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
