@@ -82,7 +82,7 @@ def _imagenet_status(params: dict[str, Any], root: Path, model_cfgs: list[dict[s
                      ) -> tuple[str | None, str]:
     """(source, "") when ImageNet weights can be mapped into every network that needs them,
     else (None, reason)."""
-    from pipeline.train.tune import imagenet_init_checkpoint
+    from pipeline.model.checkpoint import write_imagenet_init
 
     source = str((params.get("imagenet_init") or {}).get("source", "none"))
     if source == "none":
@@ -90,7 +90,8 @@ def _imagenet_status(params: dict[str, Any], root: Path, model_cfgs: list[dict[s
     src = source if source == "torchvision" else str((root / source).resolve())
     try:
         for mc in model_cfgs:
-            imagenet_init_checkpoint(mc, src, _init_path(work, mc, src))
+            if not _init_path(work, mc, src).is_file():
+                write_imagenet_init(_init_path(work, mc, src), mc, src)
     except FerError as e:
         return None, f"not run: ImageNet weights unusable ({e})"
     return src, ""

@@ -8,7 +8,6 @@ image is seen by exactly one shard (``load_split(rank, world_size)`` takes rows
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,59 +18,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import FerError
+from pipeline.model import checkpoint
 
 #: The keys of ``metrics/eval_<dataset>.json`` (contract), in order.
 METRIC_KEYS = ("accuracy", "accuracy_center", "mean_class_accuracy", "per_class", "n_test")
 #: Index of the centre crop in torchvision's TenCrop order (4 corners, centre, then flipped).
 CENTER = 4
-
-
-# --------------------------------------------------------------------------- checkpoint
-
-
-def _read_checkpoint(source) -> dict:
-    """The checkpoint dict from a path or from its bytes (shipped through Ray's object store)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return torch.load(io.BytesIO(bytes(source)), map_location="cpu", weights_only=True)
-    path = Path(source)
-    if not path.is_file():
-        raise FerError(f"checkpoint {path} not found (train the model first, or pass its model.pt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a one-line message for any unreadable file
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise FerError(f"{path} is not a readable model checkpoint: {type(e).__name__}: {first}") from e
-
-
-def model_from_checkpoint(ckpt: dict):
-    """Rebuild the network of a checkpoint dict (contract keys) and load its weights, eval mode."""
-    from pipeline.model import lip_vgg16
-
-    missing = [k for k in ("state_dict", "model_config", "classes", "crop") if k not in ckpt]
-    if missing:
-        raise FerError(f"checkpoint lacks {', '.join(missing)}: not a model.pt written by training")
-    model = lip_vgg16(**ckpt["model_config"])
-    state = ckpt["state_dict"]
-    # DDP / torch.compile wrappers prefix the names; accept both.
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    model.load_state_dict(state)
-    model.eval()
-    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    meta["classes"] = list(meta["classes"])
-    meta["crop"] = int(meta["crop"])
-    meta["image_size"] = None if meta.get("image_size") is None else int(meta["image_size"])
-    if len(meta["classes"]) != model.config["num_classes"]:
-        raise FerError(f"checkpoint has {len(meta['classes'])} class names for a "
-                       f"{model.config['num_classes']}-class network")
-    return model, meta
-
-
-def load_checkpoint(path) -> tuple[torch.nn.Module, dict]:
-    """``(model in eval mode on CPU, meta)``; meta is the checkpoint dict without ``state_dict``
-    (``model_config``, ``classes``, ``image_size``, ``crop``, ``epoch``, ``val_accuracy``)."""
-    return model_from_checkpoint(_read_checkpoint(path))
 
 
 def default_device(device: str | None = None) -> str:
@@ -205,7 +157,7 @@ def _shard_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, rank: int, wo
 
     if threads:
         torch.set_num_threads(threads)
-    model, meta = model_from_checkpoint(_read_checkpoint(ckpt_bytes))
+    model, meta = checkpoint.load_model(ckpt_bytes)
     x, y = load_split(parquet_dir, split, size=meta["image_size"], rank=rank, world_size=world_size)
     if len(y) == 0:
         return EvalCounts.zeros(len(meta["classes"]))
@@ -261,7 +213,7 @@ def evaluate_checkpoint(model_path, parquet_dir, *, split: str = "test", num_wor
     if num_workers < 1:
         raise FerError(f"num_workers must be at least 1, got {num_workers}")
     ckpt_bytes = path.read_bytes()
-    classes = _read_checkpoint(ckpt_bytes)["classes"]
+    classes = checkpoint.read(ckpt_bytes)["classes"]
     if num_workers == 1:
         counts = _shard_counts(ckpt_bytes, str(parquet_dir), split, 0, 1, batch_size,
                                default_device(device))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline import evaluate as E
+from pipeline.model.checkpoint import load_model
 from pipeline.data.classes import CLASSES
 from pipeline.data.loader import center_crop, load_split, normalize, ten_crop
 from pipeline.errors import FerError
@@ -61,7 +62,7 @@ def tiny_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_meta(tiny_assets):
-    return E.load_checkpoint(tiny_assets["checkpoint"])
+    return load_model(tiny_assets["checkpoint"])
 
 
 def test_checkpoint_roundtrip(model_meta):
@@ -169,7 +170,7 @@ def test_evaluate_checkpoint_bad_inputs(tiny_assets, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(FerError, match="not a readable"):
-        E.load_checkpoint(junk)
+        load_model(junk)
 
 
 @pytest.mark.slow

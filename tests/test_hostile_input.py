@@ -426,7 +426,7 @@ def test_failed_model_write_keeps_the_previous_model(tmp_path, monkeypatch):
     before = snapshot(out)
     cfg = TrainConfig.from_dict({"data": str(tmp_path), "output": str(out)})
     st = {"best_state": {}, "model_config": {}, "best_epoch": 1, "best_val_accuracy": 0.5,
-          "history": [], "epoch": 1, "stopped": False}
+          "history": [], "epoch": 1, "stopped": False, "image_size": 100}
 
     def killed(*a, **k):
         raise KeyboardInterrupt

@@ -8,7 +8,8 @@ from pipeline.errors import FerError
 from pipeline.model import lip_vgg16
 from pipeline.train.config import TrainConfig
 from pipeline.train.launch import auto_cpus_per_worker
-from pipeline.train.worker import load_init_checkpoint, lr_lambda
+from pipeline.model.checkpoint import load_init as load_init_checkpoint
+from pipeline.train.worker import lr_lambda
 
 
 def test_from_dict_accepts_known_keys_and_defaults():

@@ -6,7 +6,6 @@ never by alphabetical folder order.
 from __future__ import annotations
 
 CLASSES: tuple[str, ...] = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
-NUM_CLASSES = len(CLASSES)
 CLASS_TO_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
 
 class _CaseInsensitiveMap(dict):
@@ -50,8 +49,3 @@ def sfew_index(folder: str) -> int | None:
     if key in SFEW_TO_INDEX:
         return SFEW_TO_INDEX[key]
     return CLASS_TO_INDEX.get(key)
-
-
-def fer_index(name: str) -> int | None:
-    """Class index of a folder named after an expression, in FER or SFEW spelling."""
-    return sfew_index(name)

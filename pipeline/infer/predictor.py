@@ -7,7 +7,6 @@ forward pass, softmax averaged. No second copy of that code lives here.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,22 +63,17 @@ class Predictor:
     """``Predictor("models/rafdb/model.pt")`` or ``Predictor((model, meta))``."""
 
     def __init__(self, source, *, device: str | None = None, batch_size: int = 32):
-        from pipeline.evaluate import default_device, load_checkpoint
+        from pipeline.evaluate import default_device
+        from pipeline.model.checkpoint import load_model
 
         if isinstance(source, tuple):
             model, meta = source
         else:
-            model, meta = load_checkpoint(source)
+            model, meta = load_model(source)
         self.model, self.meta = model.eval(), meta
         self.classes: list[str] = list(meta["classes"])
         self.crop = int(meta["crop"])
-        size = meta.get("image_size") or meta.get("native_size")
-        if size is None:
-            # Trained at the images' own size (image_size None) and the checkpoint does not
-            # record it: the configs crop 90% of the side (RAF-DB aligned: 100 px -> 90), so
-            # invert that.
-            size = int(round(self.crop / 0.9))
-        self.image_size = max(int(size), self.crop)
+        self.image_size = int(meta["image_size"])  # what training resized to (recorded)
         self.batch_size = batch_size
         self.to(default_device(device))
 
@@ -112,7 +106,3 @@ class Predictor:
             res.append({"label": self.classes[k],
                         "probabilities": {c: float(p) for c, p in zip(self.classes, row)}})
         return res
-
-
-def load(path: str | Path, device: str | None = None) -> Predictor:
-    return Predictor(path, device=device)

@@ -5,7 +5,7 @@
 to a registry could run code on every user of ``fer predict``. So ``fer predict`` reads only two
 files of a logged model: ``MLmodel`` (YAML, ``safe_load``) to find the checkpoint artifact and the
 sha256 recorded when it was logged, and the checkpoint itself, which
-:func:`pipeline.evaluate.load_checkpoint` opens with ``torch.load(weights_only=True)``.
+:func:`pipeline.model.checkpoint.load_model` opens with ``torch.load(weights_only=True)``.
 (``mlflow models serve`` and ``mlflow.pyfunc.load_model`` do unpickle: they trust the registry,
 as MLflow itself does.)
 """

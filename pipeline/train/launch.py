@@ -20,7 +20,8 @@ from pipeline.data._util import (check_replaceable, cleanup_stale, swap_into_pla
                                  write_marker)
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
-from pipeline.train.worker import CONFIG_FILE, STATE_FILE, train_loop_per_worker
+from pipeline.model import checkpoint
+from pipeline.train.worker import CONFIG_FILE, train_loop_per_worker
 
 # Changing these between a run and its resume would load weights into a different network.
 ARCH_KEYS = ("num_classes", "pool", "head", "attention", "width", "lip_bottleneck")
@@ -82,7 +83,7 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> Path | None:
     if _is_uri(storage_path):
         return None
     run = Path(storage_path) / run_name
-    dirs = sorted(p for p in run.glob("epoch_*") if (p / STATE_FILE).exists())
+    dirs = sorted(p for p in run.glob("epoch_*") if checkpoint.has_state(p))
     return dirs[-1] if dirs else None
 
 
@@ -149,17 +150,13 @@ def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None =
     if result.checkpoint is None:
         raise FerError(f"training run {run_name!r} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
-        import torch
-
-        st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        st = checkpoint.read_state(d)
     return write_outputs(cfg, st, checkpoint_path=result.checkpoint.path, run_name=run_name,
                          storage=storage)
 
 
 def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name: str,
                   storage: str) -> dict[str, Any]:
-    import torch
-
     from pipeline.data.classes import CLASSES
 
     out = Path(cfg.output)
@@ -172,11 +169,10 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         os.chmod(tmp, umask_mode())
-        torch.save({
-            "state_dict": st["best_state"], "model_config": st["model_config"], "classes": classes,
-            "image_size": cfg.image_size, "crop": cfg.crop, "epoch": st["best_epoch"],
-            "val_accuracy": st["best_val_accuracy"], "train_config": cfg.to_dict(),
-        }, tmp / "model.pt")
+        checkpoint.save_model(tmp / "model.pt", st["best_state"], model_config=st["model_config"],
+                              classes=classes, image_size=st["image_size"], crop=cfg.crop,
+                              epoch=st["best_epoch"], val_accuracy=st["best_val_accuracy"],
+                              train_config=cfg.to_dict())
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         write_marker(tmp, "training")
         swap_into_place(tmp, out)

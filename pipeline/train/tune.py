@@ -297,28 +297,6 @@ def _trial_run(ctx: dict[str, Any], trial_id: str, cfg_dict: dict[str, Any], sam
 
 
 # --------------------------------------------------------------------------- the trial
-def imagenet_init_checkpoint(model_config: dict[str, Any], source: str, out: Path, seed: int = 0) -> Path:
-    """LIP-VGG16 with ImageNet vgg16_bn weights mapped in (what the imagenet_init stage writes),
-    saved at ``out`` unless it is there already."""
-    import torch
-
-    from pipeline.data.classes import CLASSES
-    from pipeline.model import lip_vgg16
-    from pipeline.model.pretrained import initialise
-
-    if out.is_file():
-        return out
-    torch.manual_seed(seed)
-    model = lip_vgg16(**model_config)
-    info = initialise(model, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config,
-                "classes": list(CLASSES), "init": info}, tmp)
-    tmp.replace(out)
-    return out
-
-
 def _trial_config(ctx: dict[str, Any], trial_id: str, sampled: dict[str, Any]):
     from pipeline.train.config import TrainConfig
 
@@ -328,9 +306,12 @@ def _trial_config(ctx: dict[str, Any], trial_id: str, sampled: dict[str, Any]):
             "use_gpu": ctx["use_gpu"], "cpus_per_worker": ctx["cpus_per_worker"]}
     init = ctx["init"]
     if init.startswith("imagenet:"):
+        from pipeline.model.checkpoint import write_imagenet_init
+
         cfg0 = TrainConfig.from_dict({**opts, "init": "none"})
-        init = str(imagenet_init_checkpoint(cfg0.model_config(), init[len("imagenet:"):],
-                                            trial_dir / "imagenet_init.pt", seed=cfg0.seed))
+        init = str(trial_dir / "imagenet_init.pt")
+        if not Path(init).is_file():
+            write_imagenet_init(init, cfg0.model_config(), ctx["init"][len("imagenet:"):], seed=cfg0.seed)
     return TrainConfig.from_dict({**opts, "init": init})
 
 
@@ -449,16 +430,11 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def write_trial_model(ctx: dict[str, Any], trial_id: str, config: dict[str, Any],
                       checkpoint_path: str) -> dict[str, Any]:
     """model.pt + history.json of a trial from its Train checkpoint (best epoch by val accuracy)."""
-    import torch
-
+    from pipeline.model.checkpoint import read_state
     from pipeline.train.launch import write_outputs
-    from pipeline.train.worker import STATE_FILE
 
     cfg = _trial_config(ctx, trial_id, config)
-    state = Path(checkpoint_path) / STATE_FILE
-    if not state.is_file():
-        raise FerError(f"trial {trial_id}: no training state at {checkpoint_path}")
-    st = torch.load(state, map_location="cpu", weights_only=True)
+    st = read_state(checkpoint_path)
     return write_outputs(cfg, st, checkpoint_path=str(checkpoint_path), run_name=trial_id,
                          storage=cfg.storage_path)
 

@@ -29,56 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STATE_FILE = "state.pt"
 CONFIG_FILE = "train_config.json"
 
 
 # ---------------------------------------------------------------------------- building blocks
-def load_init_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Copy every tensor of a checkpoint (`{"state_dict", "model_config"}`) that fits `model`.
-
-    The classifier (`model.classifier_prefix`) is kept freshly initialised only when the number
-    of classes differs; any other shape mismatch means a different architecture and is an error.
-    Returns the lists of copied, re-initialised (classifier) and missing (not in the file) keys.
-    """
-    from pipeline.errors import FerError
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FerError(f"cannot read init checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
-        raise FerError(f"init checkpoint {path} is not a dict with a 'state_dict'")
-    src: dict[str, torch.Tensor] = ckpt["state_dict"]
-    src_classes = (ckpt.get("model_config") or {}).get("num_classes")
-    target = model.state_dict()
-    prefix = model.classifier_prefix
-    n_classes = model.config["num_classes"]
-    if src_classes is None:  # infer from the classifier's bias
-        bias = src.get(prefix + "bias")
-        src_classes = int(bias.shape[0]) if bias is not None else n_classes
-    report: dict[str, list[str]] = {"copied": [], "reinit": [], "missing": []}
-    bad = []
-    for k, t in target.items():
-        if k.startswith(prefix) and src_classes != n_classes:
-            report["reinit"].append(k)
-        elif k not in src:
-            report["missing"].append(k)
-        elif src[k].shape != t.shape:
-            bad.append(f"{k}: file {tuple(src[k].shape)} vs model {tuple(t.shape)}")
-        else:
-            report["copied"].append(k)
-    if bad:
-        raise FerError(f"init checkpoint {path} does not fit this network (other width/head?): "
-                       + "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
-    if not report["copied"]:
-        raise FerError(f"init checkpoint {path} shares no tensor with this network")
-    with torch.no_grad():
-        for k in report["copied"]:
-            target[k].copy_(src[k])
-    return report
-
-
 def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,
               step_size: int, gamma: float) -> Callable[[int], float]:
     """Per-iteration LR factor: linear warm-up, then cosine to 0 or step decay."""
@@ -201,7 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from pipeline.data.loader import DeviceBatches, load_split
-    from pipeline.model import lip_vgg16
+    from pipeline.model import checkpoint, lip_vgg16
 
     cfg = config
     ctx = ray.train.get_context()
@@ -235,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = lip_vgg16(**cfg["model_config"])
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and cfg["init"] != "none":
-        rep = load_init_checkpoint(model, cfg["init"])
+        rep = checkpoint.load_init(model, cfg["init"])
         if rank == 0:
             _say(f"init from {cfg['init']}: copied {len(rep['copied'])} tensors, "
                  f"re-initialised {len(rep['reinit'])} (classifier), {len(rep['missing'])} not in file")
@@ -257,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
     start, best_acc, best_epoch, best_state, bad, stopped, history = 1, -1.0, 0, None, 0, False, []
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            st = checkpoint.read_state(d)
             rng_file = Path(d) / f"rng_rank{rank}.pt"
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
         raw.load_state_dict(st["model"])
@@ -333,13 +287,13 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
             if rank == 0:
-                torch.save({
+                checkpoint.save_state(d, {
                     "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch,
                     "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
                     "bad_epochs": bad, "stopped": stopped, "history": history,
-                    "model_config": dict(cfg["model_config"]),
-                }, Path(d) / STATE_FILE)
+                    "model_config": dict(cfg["model_config"]), "image_size": int(tx.shape[-1]),
+                })
                 (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
