@@ -198,24 +198,19 @@ class _Runner:
         from pipeline.train.launch import run_training
 
         cfg = self._config(spec, seed)
-        run_id = tracking.start_run(
-            self.experiment, f"ablation-{spec.key}-s{seed}", stage="ablation", dataset=spec.dataset,
-            params=cfg.to_dict(),
-            tags={"mlflow.parentRunId": self.parent, "ablation_row": ",".join(spec.rows),
-                  "ablation_spec": spec.key, "ablation_id": self.ablation_id, "seed": seed})
-        cfg.mlflow_run_id = run_id
-        try:
-            summary = run_training(cfg, extra_loop_config={"mlflow_tracking_uri": tracking.tracking_uri()})
+        with tracking.tracked_run(
+                self.experiment, f"ablation-{spec.key}-s{seed}", stage="ablation", dataset=spec.dataset,
+                params=cfg.to_dict(),
+                tags={"mlflow.parentRunId": self.parent, "ablation_row": ",".join(spec.rows),
+                      "ablation_spec": spec.key, "ablation_id": self.ablation_id, "seed": seed}) as run_id:
+            cfg.mlflow_run_id = run_id
+            summary = run_training(cfg)
             ev = section(self.params, "evaluate") if "evaluate" in self.params else {}
             metrics, _ = evaluate_checkpoint(summary["model_path"], cfg.data, split="test",
                                              num_workers=1, batch_size=int(ev.get("batch_size", 64)))
             tracking.log_metrics(run_id, metrics, prefix="test_")
             tracking.log_metrics(run_id, {"best_val_accuracy": summary["best_val_accuracy"],
                                           "epochs_run": summary["epochs_run"]})
-            tracking.end_run(run_id)
-        except BaseException:
-            tracking.end_run(run_id, "FAILED")
-            raise
         out = {"run_id": run_id, "model_path": summary["model_path"], "metrics": metrics}
         print(f"ablation {spec.key} seed {seed}: ten-crop {metrics['accuracy']:.4f}, "
               f"centre {metrics['accuracy_center']:.4f} (MLflow run {run_id})", flush=True)
@@ -249,7 +244,7 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     import ray
 
     from pipeline import tracking
-    from pipeline.train.tune import concurrency, ensure_ray, trial_resources
+    from pipeline.cluster import concurrency, ensure_ray, worker_resources
 
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
@@ -261,7 +256,7 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     try:
         ray_sec = section(params, "ray")
         workers = int(ray_sec.get("num_workers", 1))
-        res = trial_resources(ray_sec, workers, ray.cluster_resources())
+        res = worker_resources(ray_sec.get("use_gpu", "auto"), workers, ray_sec.get("cpus_per_worker"))
         deps = {s.init[5:] for s in specs.values() if s.init.startswith("spec:")}
         # models that others fine-tune from go first, so their dependents can start early
         ready = [(s, sd) for s in sorted((s for s in specs.values() if not s.init.startswith("spec:")),

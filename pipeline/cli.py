@@ -6,7 +6,6 @@ dependency only breaks the command that needs it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pipeline.errors import as_user_error
@@ -88,9 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Local runs of every command: no Ray auth token file, no MLflow telemetry (user can override).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -9,7 +9,6 @@ image is seen by exactly one shard (``load_split(rank, world_size)`` takes rows
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -169,13 +168,9 @@ def _ray_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, num_workers: in
                 batch_size: int, device: str | None) -> EvalCounts:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        started = True
+    from pipeline.cluster import ensure_ray
+
+    started = ensure_ray()
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and gpus >= num_workers

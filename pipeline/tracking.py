@@ -1,4 +1,5 @@
-"""MLflow: runs, per-epoch metrics, artifacts, the model registry and its ``champion`` alias.
+"""MLflow: runs, per-epoch metrics and artifacts (it knows nothing of the model; the logged model
+and the registry are :mod:`pipeline.infer.registry`'s).
 
 Tracking URI (contract): ``MLFLOW_TRACKING_URI`` when set, else a SQLite store at the repo root
 (``sqlite:///<root>/mlflow.db``, artifacts in ``<root>/mlartifacts/``), so that the registry
@@ -19,9 +20,6 @@ from typing import Any, Iterable
 
 from pipeline.errors import FerError
 
-CHAMPION = "champion"
-#: Model-version tag that holds the test accuracy the champion comparison uses.
-ACCURACY_TAG = "test_accuracy"
 #: MLflow's limit on a param value's length.
 _PARAM_MAX = 6000
 
@@ -60,24 +58,11 @@ def sqlite_root(uri: str) -> Path | None:
     return Path(db).resolve().parent
 
 
-#: MLflow's own defaults (120 s per request, 7 retries with backoff) leave a command silent for
-#: many minutes when the tracking server is unreachable; these give up within about 18 s (two
-#: attempts of 8 s). Set the variables to override them (a slow server, large uploads).
-NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "8", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-def _network_defaults() -> None:
-    for k, v in NETWORK_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-
-
 def client():
     """An ``MlflowClient`` on :func:`tracking_uri` (the registry follows it unless
     ``MLFLOW_REGISTRY_URI`` says otherwise)."""
     from mlflow import MlflowClient
 
-    _network_defaults()
     return MlflowClient(tracking_uri=tracking_uri())
 
 
@@ -88,7 +73,6 @@ def using_store():
     ``MLFLOW_TRACKING_URI`` variable (MLflow's own setter rewrites it): no state leaks."""
     import mlflow
 
-    _network_defaults()
     uri = tracking_uri()
     try:
         from mlflow.tracking._tracking_service import utils as _tu
@@ -183,6 +167,19 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str, **kwargs):
+    """:func:`start_run` for the block, yielding the run id; FINISHED when the block ends,
+    FAILED when it raises (Ctrl-C included)."""
+    run_id = start_run(experiment, run_name, **kwargs)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id)
+
+
 def _numeric(v: Any) -> float | None:
     if isinstance(v, bool):
         return float(v)
@@ -231,86 +228,3 @@ def log_artifacts(run_id: str, paths: Iterable[str | os.PathLike], artifact_path
             c.log_artifact(run_id, str(p), artifact_path=artifact_path)
         else:
             raise FerError(f"artifact {p} not found")
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow",
-                 "opencv-python-headless"):
-        try:
-            reqs.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            reqs.append(dist)
-    return reqs
-
-
-def log_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_name: str | None = None,
-              name: str = "model"):
-    """Log the pyfunc model (``pipeline.infer.pyfunc.FerPyfunc`` with the checkpoint as its
-    ``checkpoint`` artifact and the ``pipeline`` package as code) under ``run_id``; register it
-    as a new version of ``registered_name`` when given. Returns MLflow's ``ModelInfo``."""
-    from mlflow.models import Model
-    import mlflow.pyfunc
-
-    import pipeline
-    from pipeline.infer.pyfunc import FerPyfunc
-
-    from pipeline.infer.resolve import SHA_KEY, sha256_file
-
-    ckpt = Path(checkpoint_path)
-    if not ckpt.is_file():
-        raise FerError(f"checkpoint {ckpt} not found")
-    c = client()
-    run = c.get_run(run_id)
-    # Created here so that the model lands in the run's experiment (MLflow 3 otherwise files a
-    # model logged with no *active* run under the default experiment).
-    logged = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
-                                   params=dict(run.data.params),
-                                   tags={"stage": run.data.tags.get("stage", ""),
-                                         "dataset": run.data.tags.get("dataset", "")})
-    with using_store():
-        return Model.log(
-            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-            model_id=logged.model_id,
-            python_model=FerPyfunc(), artifacts={"checkpoint": str(ckpt)},
-            code_paths=[str(Path(pipeline.__file__).parent)],
-            pip_requirements=_pip_requirements(), registered_model_name=registered_name,
-            # `fer predict` checks the checkpoint against this before loading it
-            metadata={SHA_KEY: sha256_file(ckpt)},
-        )
-
-
-def champion(name: str) -> tuple[int, float] | None:
-    """``(version, test accuracy)`` of ``name``'s ``champion`` alias, or None if it has none."""
-    from mlflow.exceptions import MlflowException
-
-    c = client()
-    try:
-        mv = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    acc = mv.tags.get(ACCURACY_TAG)
-    return int(mv.version), float(acc) if acc is not None else float("nan")
-
-
-def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_name: str,
-                           test_accuracy: float) -> int:
-    """Log the model, register it as a new version of ``registered_name``, tag the version with
-    ``test_accuracy``, and move the ``champion`` alias to it only if it beats the current
-    champion (ties keep the old one; a champion with no recorded accuracy is always beaten).
-    Returns the new version number."""
-    info = log_model(run_id, checkpoint_path, registered_name=registered_name)
-    version = int(info.registered_model_version)
-    c = client()
-    acc = float(test_accuracy)
-    c.set_model_version_tag(registered_name, str(version), ACCURACY_TAG, repr(acc))
-    c.set_model_version_tag(registered_name, str(version), "git_commit", git_commit())
-    current = champion(registered_name)
-    if current is None or math.isnan(current[1]) or acc > current[1]:
-        c.set_registered_model_alias(registered_name, CHAMPION, str(version))
-    return version

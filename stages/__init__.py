@@ -1,4 +1,5 @@
-"""One thin module per DVC stage: read its params section, call the library."""
+"""One thin module per DVC stage: paths come from dvc.yaml as arguments (written once, there),
+params from the stage's section of params.yaml; then one library call."""
 from __future__ import annotations
 
 import os
@@ -7,17 +8,17 @@ from typing import Callable
 
 from pipeline.errors import FerError, as_user_error
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-
-def dataset_argument(known) -> str:
-    """The stage's one argument (the dataset name), checked against ``known``."""
-    known = sorted(known)
-    if len(sys.argv) != 2 or sys.argv[1] not in known:
-        got = repr(sys.argv[1]) if len(sys.argv) > 1 else "nothing"
-        raise FerError(f"expected one dataset name, one of {known}; got {got}")
-    return sys.argv[1]
+def stage_args(*names: str, datasets=None) -> list[str]:
+    """The stage's arguments as dvc.yaml passes them, one per name; with ``datasets``, the first
+    is a dataset name that must be one of them."""
+    args = sys.argv[1:]
+    if len(args) != len(names):
+        raise FerError(f"expected {len(names)} argument(s) ({' '.join(names)}) as dvc.yaml passes "
+                       f"them; got {len(args)}: {args}")
+    if datasets is not None and args[0] not in datasets:
+        raise FerError(f"expected a dataset name, one of {sorted(datasets)}; got {args[0]!r}")
+    return args
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -4,30 +4,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.infer import registry
 from pipeline.config import load_params, section
 from pipeline.data.classes import CLASSES
 from pipeline.evaluate import evaluate_checkpoint, write_outputs
-from stages import dataset_argument, run_stage
+from stages import run_stage, stage_args
 
 
 def main() -> None:
-    dataset = dataset_argument(("rafdb", "sfew"))
+    dataset, model_path, data, metrics_dir, plots_dir = stage_args(
+        "DATASET", "MODEL", "DATA", "METRICS_DIR", "PLOTS_DIR", datasets=("rafdb", "sfew"))
     params = load_params()
     opts = section(params, "evaluate")
-    model_path = Path("models") / dataset / "model.pt"
-    metrics, confusion = evaluate_checkpoint(model_path, Path("data/parquet") / dataset, split="test",
+    metrics, confusion = evaluate_checkpoint(model_path, data, split="test",
                                              num_workers=opts["num_workers"], batch_size=opts["batch_size"])
-    paths = write_outputs(metrics, confusion, CLASSES, metrics_path=Path("metrics"), plots_dir=Path("plots"),
-                          dataset=dataset)
+    paths = write_outputs(metrics, confusion, CLASSES, metrics_path=Path(metrics_dir),
+                          plots_dir=Path(plots_dir), dataset=dataset)
     run_id = tracking.start_run(section(params, "mlflow")["experiment"], f"evaluate-{dataset}",
                                 stage="evaluate", dataset=dataset, params=opts)
     tracking.log_metrics(run_id, metrics)  # nested per_class -> per_class.<name>
     tracking.log_artifacts(run_id, [paths["metrics"], paths["confusion_csv"], paths["confusion_png"]])
     name = f"lip-vgg16-{dataset}"
-    version = tracking.log_and_register_model(run_id, model_path, registered_name=name,
+    version = registry.log_and_register_model(run_id, model_path, registered_name=name,
                                               test_accuracy=metrics["accuracy"])
     tracking.end_run(run_id)
-    champ = tracking.champion(name)
+    champ = registry.champion(name)
     print(f"evaluate {dataset}: ten-crop accuracy {metrics['accuracy']:.4f} "
           f"(centre {metrics['accuracy_center']:.4f}, n={metrics['n_test']}); registered {name} "
           f"v{version}; champion is v{champ[0] if champ else '?'}")

@@ -3,5 +3,4 @@ from stages import run_stage
 from stages.common import train_stage
 
 if __name__ == "__main__":
-    run_stage(lambda: train_stage(stage="finetune_sfew", dataset="sfew", section_name="finetune_sfew",
-                                  init="models/rafdb/model.pt"))
+    run_stage(lambda: train_stage(stage="finetune_sfew", dataset="sfew"))

@@ -7,20 +7,19 @@ from pathlib import Path
 from pipeline.config import load_params, section
 from pipeline.data.classes import CLASSES
 from pipeline.model.checkpoint import write_imagenet_init
-from stages import run_stage
-
-OUT = Path("models/imagenet_init.pt")
-REPORT = Path("reports/imagenet_init.json")
+from stages import run_stage, stage_args
 
 
 def main() -> None:
+    out, report = map(Path, stage_args("OUT", "REPORT"))
     params = load_params()
     source = str(section(params, "imagenet_init")["source"])
     model_config = {"num_classes": len(CLASSES), **section(params, "model")}
-    info = write_imagenet_init(OUT, model_config, source, seed=section(params, "train_rafdb").get("seed", 0))
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({**info, "pretrained": int(source != "none")}, indent=2) + "\n")
-    print(f"imagenet_init: wrote {OUT} (source={source})")
+    # the parts ImageNet does not cover start from train_rafdb's seed (declared in dvc.yaml)
+    info = write_imagenet_init(out, model_config, source, seed=section(params, "train_rafdb").get("seed", 0))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({**info, "pretrained": int(source != "none")}, indent=2) + "\n")
+    print(f"imagenet_init: wrote {out} (source={source})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 from pipeline.config import load_params, section
 from pipeline.data.ingest import ingest
 from pipeline.errors import FerError
-from stages import dataset_argument, run_stage
+from stages import run_stage, stage_args
 
 DOWNLOAD_HINTS = {
     "rafdb": "RAF-DB (basic) from http://www.whdeng.cn/raf/model1.html (licence agreement required); "
@@ -16,8 +16,7 @@ DOWNLOAD_HINTS = {
 }
 
 
-def source_path(params: dict, dataset: str) -> Path:
-    src = str(section(params, "datasets")[dataset])
+def source_path(src: str, dataset: str) -> Path:
     path = Path(src).expanduser()
     if not path.exists():
         raise FerError(f"datasets.{dataset} = {src} does not exist. Download "
@@ -27,11 +26,9 @@ def source_path(params: dict, dataset: str) -> Path:
 
 
 def main() -> None:
-    params = load_params()
-    dataset = dataset_argument(section(params, "datasets"))
-    opts = section(params, "ingest")
-    ingest(source_path(params, dataset), Path("data/parquet") / dataset,
-           report_path=Path("reports") / f"ingest_{dataset}.json", dataset=dataset,
+    dataset, src, out, report = stage_args("DATASET", "SRC", "OUT", "REPORT", datasets=DOWNLOAD_HINTS)
+    opts = section(load_params(), "ingest")
+    ingest(source_path(src, dataset), Path(out), report_path=Path(report), dataset=dataset,
            val_fraction=opts["val_fraction"], seed=opts["seed"],
            max_bad_fraction=opts["max_bad_fraction"], workers=opts.get("workers"))
 

@@ -4,18 +4,15 @@ The previous set is replaced only once the new one is complete (written beside i
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import load_params, section
 from pipeline.data.synthetic import write_synthetic
-from stages import dataset_argument, run_stage
+from stages import run_stage, stage_args
 
 
 def main() -> None:
     synth = section(load_params(), "synth")
-    dataset = dataset_argument(synth)
+    dataset, out = stage_args("DATASET", "OUT", datasets=synth)
     opts = synth[dataset]
-    out = Path("data/synthetic") / dataset
     write_synthetic(out, layout=dataset, n=opts.get("n"), seed=opts.get("seed", 0))
     print(f"synth: wrote {dataset} synthetic faces to {out}")
 

@@ -3,5 +3,4 @@ from stages import run_stage
 from stages.common import train_stage
 
 if __name__ == "__main__":
-    run_stage(lambda: train_stage(stage="train_rafdb", dataset="rafdb", section_name="train_rafdb",
-                                  init="models/imagenet_init.pt"))
+    run_stage(lambda: train_stage(stage="train_rafdb", dataset="rafdb"))

@@ -55,8 +55,15 @@ def fer(*args: str) -> list[str]:
     return ["-m", "pipeline.cli", *args]
 
 
-def stage(name: str, *args: str) -> list[str]:
-    return ["-m", f"stages.{name}", *args]
+def stage(name: str, item: str | None = None) -> list[str]:
+    """The stage's command line as dvc.yaml writes it (``item``: the foreach key)."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
+    cmd = spec["do"]["cmd"] if "do" in spec else spec["cmd"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    keyed = "${key}" in cmd  # foreach over a mapping: ${key} is the name, ${item} its value
+    value = params["datasets"].get(item, "x") if keyed else (item or "")
+    cmd = cmd.replace("${key}", item or "").replace("${item}", value)
+    return cmd.split()[1:]  # without "python"
 
 
 # --------------------------------------------------------------------------- payloads

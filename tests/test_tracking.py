@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline import tracking as T
+from pipeline.infer import registry as R
 from pipeline.data.classes import CLASSES
 from pipeline.data.synthetic import render
 
@@ -93,9 +94,9 @@ def registry(store, assets):
     run_id = T.start_run("fer-tests", "evaluate", stage="evaluate", dataset="testset", params={})
     history = []
     for acc in (0.5, 0.4, 0.6, 0.6):
-        v = T.log_and_register_model(run_id, assets["checkpoint"], registered_name=NAME,
+        v = R.log_and_register_model(run_id, assets["checkpoint"], registered_name=NAME,
                                      test_accuracy=acc)
-        history.append((v, T.champion(NAME)))
+        history.append((v, R.champion(NAME)))
     return run_id, history
 
 
@@ -104,8 +105,8 @@ def test_champion_moves_only_to_a_better_version(registry):
     assert [v for v, _ in history] == [1, 2, 3, 4]
     assert [champ for _, champ in history] == [(1, 0.5), (1, 0.5), (3, 0.6), (3, 0.6)]
     mv = T.client().get_model_version(NAME, "2")
-    assert float(mv.tags[T.ACCURACY_TAG]) == pytest.approx(0.4)
-    assert T.champion("no-such-model") is None
+    assert float(mv.tags[R.ACCURACY_TAG]) == pytest.approx(0.4)
+    assert R.champion("no-such-model") is None
 
 
 def test_logged_model_belongs_to_the_run(registry):

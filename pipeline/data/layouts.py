@@ -1,4 +1,4 @@
-"""Readers for the dataset layouts that ingest accepts (contract in DESIGN.md).
+"""Readers for the dataset layouts that ingest accepts (the contract: the layouts listed below).
 
 Each reader walks a dataset root and returns a :class:`Scan`: the candidate images as
 :class:`Record` (path relative to the root, class index in :data:`~pipeline.data.classes.CLASSES`

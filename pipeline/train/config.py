@@ -51,7 +51,7 @@ class TrainConfig:
     # Ray
     num_workers: int = 2
     use_gpu: bool | str = "auto"            # "auto": GPUs if the cluster has them
-    cpus_per_worker: float | None = None    # None: auto, never all CPUs (STACK.md deadlock)
+    cpus_per_worker: float | None = None    # None: auto, one CPU left to Ray (pipeline.cluster)
     storage_path: str = "runs/ray"
     run_name: str | None = None             # None: "train-<output dir name>"
     max_failures: int = 2

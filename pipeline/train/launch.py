@@ -1,5 +1,8 @@
 """Launch `train_loop_per_worker` on Ray Train (TorchTrainer, Train V2) and write the best model.
 
+`fit` is the one place a trainer is built (stages, Tune trials and ablation rows all call it);
+`run_training` is `fit` plus the model written to the run's output folder.
+
 Resuming: Ray Train V2 keeps a checkpoint-manager snapshot under `storage_path/run_name`; a new
 `TorchTrainer(...).fit()` with the same `RunConfig(name, storage_path)` loads it and hands the
 latest checkpoint to the workers through `ray.train.get_checkpoint()`, so a rerun (after a crash,
@@ -9,15 +12,14 @@ fit are retried the same way, up to `FailureConfig(max_failures)`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.data._util import (check_replaceable, cleanup_stale, swap_into_place, umask_mode,
-                                 write_marker)
+from pipeline.data._util import (check_replaceable, cleanup_stale, default_workers, swap_into_place,
+                                 umask_mode, write_marker)
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
 from pipeline.model import checkpoint
@@ -31,42 +33,8 @@ def _is_uri(p: str) -> bool:
     return "://" in p
 
 
-def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:
-    """Leave at least one CPU free for Ray itself and Ray Data (STACK.md: workers holding every
-    CPU deadlock Ray Data reads); at most 4 per worker, at least 0.25."""
-    return max(0.25, min(4.0, (total_cpus - 1) / num_workers))
-
-
-def ensure_ray(cfg: TrainConfig) -> None:
-    """`ray.init()`: join RAY_ADDRESS when set, else a local instance sized for this run. Never twice."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    local = os.cpu_count() or 1
-    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(local, cfg.num_workers)
-    # Logical CPUs: enough that the workers' reservation fits with one left over.
-    num_cpus = max(local, math.ceil(cfg.num_workers * cpw + 1))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-
-
-def _resources(cfg: TrainConfig) -> tuple[bool, float]:
-    import ray
-
-    res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    use_gpu = gpus >= 1 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
-    if use_gpu and gpus < cfg.num_workers:
-        raise FerError(f"use_gpu: {cfg.num_workers} workers need {cfg.num_workers} GPUs, "
-                       f"the Ray cluster has {gpus:g}; lower num_workers or set use_gpu: false")
-    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(cpus, cfg.num_workers)
-    if cfg.num_workers * cpw > cpus and not os.environ.get("RAY_ADDRESS"):
-        raise FerError(f"{cfg.num_workers} workers x {cpw:g} CPUs do not fit the local Ray instance "
-                       f"({cpus:g} CPUs); lower cpus_per_worker or num_workers")
-    return use_gpu, cpw
+def _storage(cfg: TrainConfig) -> str:
+    return cfg.storage_path if _is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
 
 
 #: A training output of versions before the marker held only these files.
@@ -102,14 +70,18 @@ def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None) -> None:
           + (f" (changed: {', '.join(changed)})" if changed else ""), flush=True)
 
 
-def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train with Ray Train, write `output/model.pt` (best epoch by val accuracy) and
-    `output/history.json`, return a summary. `extra_loop_config` is merged into the worker
-    config (test hooks such as `_fail_at_epoch`)."""
+def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
+        extra_loop_config: dict[str, Any] | None = None):
+    """Build this run's ``TorchTrainer`` and fit it; returns Ray's ``Result``. The one place a
+    trainer is built: the training stages, every Tune trial (``callbacks=[TuneReportCallback()]``)
+    and every ablation row come here. ``extra_loop_config`` is merged into the worker config
+    (test hooks such as ``_fail_at_epoch``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    check_output(Path(cfg.output))  # before hours of training, not after
+    from pipeline.cluster import auto_cpus_per_worker, ensure_ray, worker_resources
+    from pipeline.tracking import tracking_uri
+    from pipeline.train import pg_release
+
     data = Path(cfg.data).resolve()
     if not data.is_dir():
         raise FerError(f"data directory {data} does not exist")
@@ -118,41 +90,58 @@ def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None =
         init = str(Path(init).resolve())
         if not Path(init).is_file():
             raise FerError(f"init checkpoint {init} does not exist")
-    storage = cfg.storage_path if _is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
+    storage = _storage(cfg)
     run_name = cfg.resolved_run_name
     _check_resume(cfg, latest_checkpoint_dir(storage, run_name))
 
-    ensure_ray(cfg)
-    use_gpu, cpw = _resources(cfg)
-    resources = {"CPU": cpw, **({"GPU": 1} if use_gpu else {})}
+    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(default_workers(), cfg.num_workers)
+    ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
+    res = worker_resources(cfg.use_gpu, cfg.num_workers, cfg.cpus_per_worker)
     loop_config = {
         **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.model_config(),
-        "train_config": cfg.to_dict(), "torch_threads": max(1, int(cpw)),
-        **(extra_loop_config or {}),
+        "train_config": cfg.to_dict(), "torch_threads": max(1, int(res["cpus_per_worker"])),
+        "mlflow_tracking_uri": tracking_uri(), **(extra_loop_config or {}),
     }
-    trainer = TorchTrainer(
+    own_pg_file = None
+    if pg_file is None and pg_release.needed():
+        fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
+        os.close(fd)
+    trainer = pg_release.trainer_class(pg_file or own_pg_file)(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res["use_gpu"],
+                                     resources_per_worker={"CPU": res["cpus_per_worker"],
+                                                           **({"GPU": 1} if res["use_gpu"] else {})}),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks) or None,
         ),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:  # ray.train.TrainingFailedError and friends
         msg = str(e).strip().splitlines()
         raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
                        f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e
+    finally:
+        if own_pg_file:
+            pg_release.release(own_pg_file)
+            Path(own_pg_file).unlink(missing_ok=True)
+
+
+def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with Ray Train, write ``output/model.pt`` (best epoch by val accuracy) and
+    ``output/history.json``, return a summary."""
+    check_output(Path(cfg.output))  # before hours of training, not after
+    result = fit(cfg, extra_loop_config=extra_loop_config)
     if result.checkpoint is None:
-        raise FerError(f"training run {run_name!r} reported no checkpoint")
+        raise FerError(f"training run {cfg.resolved_run_name!r} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         st = checkpoint.read_state(d)
-    return write_outputs(cfg, st, checkpoint_path=result.checkpoint.path, run_name=run_name,
-                         storage=storage)
+    return write_outputs(cfg, st, checkpoint_path=result.checkpoint.path,
+                         run_name=cfg.resolved_run_name, storage=_storage(cfg))
 
 
 def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name: str,

@@ -1,0 +1,81 @@
+"""Ray for every entry point (training stages, Tune trials, ablation rows, evaluation): how Ray is
+started or joined, and how many CPUs/GPUs a run's workers get.
+
+The rule: ``RAY_ADDRESS`` set -> join that cluster; unset -> a private local instance
+(``address="local"``), never a cluster that ``ray start`` left on this machine (its address file
+would otherwise be picked up, and ``ray.init(num_cpus=...)`` then fails). One line says which.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from pipeline.data._util import default_workers
+from pipeline.errors import FerError
+
+
+def ensure_ray(num_cpus: float = 0) -> bool:
+    """Start (or join) Ray once per process; True when this call did it, so the caller shuts it
+    down. A local instance gets ``max(cores, num_cpus)`` logical CPUs. The job's environment
+    carries the MLflow store, so workers (which run in their own folders, maybe on other
+    machines) log to the driver's store."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    from pipeline.tracking import tracking_uri
+
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(),
+           "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        where = f"joined the Ray cluster at {address}"
+    else:
+        ray.init(address="local", num_cpus=max(default_workers(), math.ceil(num_cpus)),
+                 include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        where = "started a private local Ray instance (set RAY_ADDRESS to join a cluster)"
+    res = ray.cluster_resources()
+    print(f"ray: {where}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs", flush=True)
+    return True
+
+
+def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:
+    """Leave one CPU to Ray itself (the driver, the Train controller, the object store), split the
+    rest; at most 4 per worker, at least 0.25."""
+    return max(0.25, min(4.0, (total_cpus - 1) / num_workers))
+
+
+def worker_resources(use_gpu: bool | str, num_workers: int, cpus_per_worker: float | None,
+                     cluster: dict[str, float] | None = None) -> dict[str, Any]:
+    """``{"use_gpu", "cpus_per_worker"}`` of one training run on the running cluster.
+    ``use_gpu="auto"`` uses GPUs when there is one per worker. Not fitting is an error on a
+    local instance; a cluster (``RAY_ADDRESS``) may be autoscaling, so there it waits."""
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
+    gpu = gpus >= num_workers if use_gpu == "auto" else bool(use_gpu)
+    if gpu and gpus < num_workers:
+        raise FerError(f"use_gpu: {num_workers} workers need {num_workers} GPUs, the Ray cluster has "
+                       f"{gpus:g}; lower num_workers or set use_gpu: false")
+    cpw = float(cpus_per_worker or auto_cpus_per_worker(cpus, num_workers))
+    if num_workers * cpw > cpus and not os.environ.get("RAY_ADDRESS"):
+        raise FerError(f"{num_workers} workers x {cpw:g} CPUs do not fit the local Ray instance "
+                       f"({cpus:g} CPUs); lower cpus_per_worker or num_workers")
+    return {"use_gpu": gpu, "cpus_per_worker": cpw}
+
+
+def concurrency(cluster: dict[str, float], workers: int, cpus_per_worker: float, use_gpu: bool,
+                num_runs: int, cap: int | None = None) -> int:
+    """How many training runs (Tune trials, ablation rows) fit side by side: by GPUs when they
+    use them, else by CPUs with one CPU left to Ray; at least 1, at most ``num_runs``/``cap``."""
+    cpus = float(cluster.get("CPU", 0))
+    free = cpus - 1 if cpus > 1 else cpus
+    n = int(math.floor(free / (workers * cpus_per_worker) + 1e-9))
+    if use_gpu:
+        n = min(n, int(float(cluster.get("GPU", 0)) // workers))
+    n = max(1, min(n, num_runs))
+    return min(n, cap) if cap else n
