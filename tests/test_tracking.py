@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline import tracking as T
+from pipeline.errors import FerError
 from pipeline.infer import registry as R
 from pipeline.data.classes import CLASSES
 from pipeline.data.synthetic import render
@@ -84,7 +85,7 @@ def test_run_params_tags_metrics_artifacts(store, tmp_path):
     assert T.get_or_create_experiment("fer-tests") == run.info.experiment_id
     T.end_run(run_id)
     assert c.get_run(run_id).info.status == "FINISHED"
-    with pytest.raises(Exception):
+    with pytest.raises(FerError, match="missing.png not found"):
         T.log_artifacts(run_id, [tmp_path / "missing.png"])
 
 

@@ -28,9 +28,6 @@ SMALL = dict(image_size=56, crop=48, width=0.125, dropout=0.0, batch_size=32, op
 # With these settings the learning run reaches val accuracy ~0.67 at 12 epochs on this machine
 # (majority class: 0.39), about 110 s on 2 cores.
 LEARN_EPOCHS = 12
-# histories of the two resume tests, compared by the last test
-FAILED_HISTORY: list[dict] = []
-RESUMED_HISTORY: list[dict] = []
 
 
 def _write(root, n, val_fraction):
@@ -104,13 +101,34 @@ def test_two_worker_ddp_run_learns(dataset, tmp_path, ray_local):
     assert correct / n == pytest.approx(s["best_val_accuracy"], abs=2 / n)
 
 
-def test_worker_failure_recovers_from_checkpoint(tiny, tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def failed_run(tiny, tmp_path_factory, ray_local):
+    """A 3-epoch run whose rank 1 fails in epoch 3 once; Ray Train restarts the worker group."""
+    tmp_path = tmp_path_factory.mktemp("failed")
     marker = tmp_path / "failed_once"
     cfg = _cfg(tiny, tmp_path, epochs=3, run_name="fail", max_failures=1, **CONSTANT_LR)
     s = run_training(cfg, extra_loop_config={"_fail_at_epoch": 3, "_fail_rank": 1,
                                              "_fail_marker": str(marker)})
+    return s, _history(tmp_path), tmp_path, marker
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny, tmp_path_factory, ray_local):
+    """A 2-epoch run that dies in epoch 2 with no retries left, then rerun for 3 epochs."""
+    tmp_path = tmp_path_factory.mktemp("resumed")
+    marker = tmp_path / "crashed_once"
+    cfg = _cfg(tiny, tmp_path, epochs=2, run_name="resume", **CONSTANT_LR)
+    with pytest.raises(FerError, match="rerun to resume"):
+        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2, "_fail_rank": 0,
+                                             "_fail_marker": str(marker)})
+    # rerun, same run name and storage, now for 3 epochs: continues after epoch 1
+    s = run_training(_cfg(tiny, tmp_path, epochs=3, run_name="resume", **CONSTANT_LR))
+    return s, _history(tmp_path), tmp_path
+
+
+def test_worker_failure_recovers_from_checkpoint(failed_run):
+    s, hist, tmp_path, marker = failed_run
     assert marker.exists()  # the failure did happen
-    hist = _history(tmp_path)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     # epochs 1-2 ran in the first worker group; the restarted group began at epoch 3
     assert [h["session_start_epoch"] for h in hist] == [1, 1, 3]
@@ -120,35 +138,24 @@ def test_worker_failure_recovers_from_checkpoint(tiny, tmp_path, ray_local):
     assert ckpts == ["epoch_0002", "epoch_0003"]
     assert {p.name for p in (tmp_path / "ray" / "fail" / "epoch_0003").iterdir()} >= {
         "state.pt", "rng_rank0.pt", "rng_rank1.pt", "train_config.json"}
-    FAILED_HISTORY.extend(hist)
 
 
-def test_interrupted_run_resumes_on_rerun(tiny, tmp_path, ray_local):
-    marker = tmp_path / "crashed_once"
-    cfg = _cfg(tiny, tmp_path, epochs=2, run_name="resume", **CONSTANT_LR)
-    # first attempt dies in epoch 2 with no retries left
-    with pytest.raises(FerError, match="rerun to resume"):
-        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2, "_fail_rank": 0,
-                                             "_fail_marker": str(marker)})
-    # rerun, same run name and storage, now for 3 epochs: continues after epoch 1
-    s = run_training(_cfg(tiny, tmp_path, epochs=3, run_name="resume", **CONSTANT_LR))
-    hist = _history(tmp_path)
+def test_interrupted_run_resumes_on_rerun(resumed_run, tiny):
+    s, hist, tmp_path = resumed_run
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert [h["session_start_epoch"] for h in hist] == [1, 2, 2]
     assert s["last_epoch"] == 3
     # resuming with another network under the same name is refused before Ray starts
     with pytest.raises(FerError, match="another network"):
         run_training(_cfg(tiny, tmp_path, epochs=3, run_name="resume", width=0.25, **CONSTANT_LR))
-    RESUMED_HISTORY.extend(hist)
 
 
-def test_resumed_runs_repeat_an_uninterrupted_schedule_exactly():
+def test_resumed_runs_repeat_an_uninterrupted_schedule_exactly(failed_run, resumed_run):
     """The failed-and-restarted run (resumed after epoch 2) and the crashed-and-rerun run (resumed
     after epoch 1, with epochs changed 2 -> 3) follow one 3-epoch trajectory: same seed, same
     data, restored model/optimiser/schedule/RNG state, deterministic CPU DDP."""
-    if not (FAILED_HISTORY and RESUMED_HISTORY):
-        pytest.skip("needs the two resume tests above")
-    for a, b in zip(FAILED_HISTORY, RESUMED_HISTORY):
+    failed, resumed = failed_run[1], resumed_run[1]
+    assert len(failed) == len(resumed) == 3
+    for a, b in zip(failed, resumed):
         assert a["val_accuracy"] == b["val_accuracy"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-
