@@ -81,7 +81,12 @@ def test_parquet_schema_and_content(raf300, ingested):
 def test_report_fields(ingested):
     base, rep = ingested
     on_disk = json.loads((base / "report.json").read_text())
-    assert on_disk == json.loads(json.dumps(rep))
+    run = rep["run"]  # this run's own figures: returned, never written
+    assert on_disk == json.loads(json.dumps({k: v for k, v in rep.items() if k != "run"}))
+    assert not {"run", "seconds", "images_per_s", "workers", "report_path"} & set(on_disk)
+    assert run["images_per_s"] > 0 and run["seconds"] >= 0 and run["workers"] >= 1
+    assert run["report_path"] == str(base / "report.json") and Path(run["src"]).is_absolute()
+    assert on_disk["out"] == str(base / "pq") and run["out"] == str((base / "pq").resolve())
     assert rep["dataset"] == "rafdb" and rep["layout"] == "rafdb_basic"
     assert set(rep["counts"]) == {"train", "val", "test"}
     for s in rep["counts"]:
@@ -89,7 +94,6 @@ def test_report_fields(ingested):
         assert list(rep["class_counts"][s]) == list(CLASSES)
     assert rep["rejected"] == [] and rep["converted"] == {}
     assert rep["duplicates"]["leakage"] == [] and rep["duplicates"]["within_split"] == []
-    assert rep["images_per_s"] > 0 and rep["workers"] >= 1
     assert rep["bad"]["train"]["fraction"] == 0.0
 
 
@@ -334,8 +338,10 @@ def test_cli_synth_and_ingest(tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "ingested sfew (sfew)" in cap.out
     assert "ingest: validating 21/21" in cap.err and "img/s" in cap.err   # the progress bar
+    assert "ingest: 21 files in " in cap.err and "1 worker)" in cap.err  # timing: printed only
     rep = json.loads(Path("reports/ingest_sfew.json").read_text())
-    assert rep["src"] == str((tmp_path / "faces").resolve())
+    assert rep["src"] == "faces" and rep["out"] == "pq"  # as given: no machine's absolute path
+    assert "seconds" not in rep and "run" not in rep
     assert ds.dataset("pq").count_rows() == 21
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -198,6 +199,11 @@ def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fracti
            progress: bool = True, max_pixels: int = _validate.MAX_PIXELS) -> dict:
     """Ingest the dataset at ``src`` into a parquet dataset at ``out``; returns the report.
 
+    The report file holds only what follows from the dataset and the parameters (``src`` and
+    ``out`` as given, never resolved; no timings), so the same inputs write the same bytes on any
+    machine. The returned dict adds ``run``: this run's seconds, images/s, worker count and
+    absolute paths (also printed on stderr when ``progress``).
+
     ``val`` is carved from train (stratified by class, seeded) unless the source already has a
     ``val`` split (ImageFolder). Raises :class:`FerError` when more than ``max_bad_fraction`` of
     any split is bad (the report is still written; ``out`` is left untouched).
@@ -280,8 +286,8 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
     report = {
         "dataset": dataset,
         "layout": scan.layout,
-        "src": str(rsrc),
-        "out": str(rout),
+        "src": shown(str(src)),   # as given (params), never resolved: no machine's paths
+        "out": shown(str(out)),
         "classes": list(names),
         "counts": {s: len(good[s]) for s in SPLITS},
         "class_counts": {s: {n: 0 for n in names} for s in SPLITS},
@@ -295,7 +301,6 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         "converted": dict(sorted(converted.items())),
         "duplicates": {"leakage": leakage, "within_split": within,
                        "n_leakage_groups": len(leakage), "n_within_split_groups": len(within)},
-        "workers": workers,
     }
     for s in SPLITS:
         for rec, _ in good[s]:
@@ -304,10 +309,9 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
     over = {s: b for s, b in bad.items() if b["fraction"] > max_bad_fraction}
     if over:
         s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        report["images_per_s"] = round(report["scanned"] / max(report["seconds"], 1e-9), 1)
         report["failed"] = True
         _write_json(report_path, report)
+        _finish(report, t0, workers, rsrc, rout, report_path, progress)
         raise FerError(f"{b['bad']} of {b['total']} files of split '{s}' are bad "
                        f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
                        f"see {report_path}")
@@ -327,8 +331,23 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
             for rec, _ in good[s]:
                 if (s, shown(rec.source)) in gone:
                     report["class_counts"][s][names[rec.label]] -= 1
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    report["images_per_s"] = round(report["scanned"] / max(report["seconds"], 1e-9), 1)
-    report["report_path"] = str(report_path)
     _write_json(report_path, report)
+    return _finish(report, t0, workers, rsrc, rout, report_path, progress)
+
+
+def _finish(report: dict, t0: float, workers: int, rsrc: Path, rout: Path, report_path: Path,
+            progress: bool) -> dict:
+    """Add this run's own figures (time, speed, worker count, absolute paths) to the returned
+    report as ``run`` and print them; they are never written to the report file, whose bytes
+    are a function of the dataset and the parameters only (a DVC output)."""
+    seconds = time.perf_counter() - t0
+    report["run"] = {"seconds": round(seconds, 3),
+                     "images_per_s": round(report["scanned"] / max(seconds, 1e-9), 1),
+                     "workers": workers, "src": str(rsrc), "out": str(rout),
+                     "report_path": str(report_path)}
+    if progress:
+        r = report["run"]
+        print(f"ingest: {report['scanned']} files in {r['seconds']:.1f} s ({r['images_per_s']:.0f} "
+              f"img/s, {workers} worker{'s' if workers != 1 else ''}); report {report_path}",
+              file=sys.stderr, flush=True)
     return report

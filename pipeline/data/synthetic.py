@@ -3,8 +3,11 @@
 The synthetic set is the embedded default: a fresh clone runs every stage with no licence-gated
 data. The faces are drawn with PIL (2x supersampled, then downsampled) and finished with numpy
 (lighting, blur, noise), one ``numpy.random.Generator`` per image seeded from
-``(seed, layout, index)``, so the same seed writes the same bytes on any machine (fixed JPEG
-quality, PNG compression level, no timestamps).
+``(seed, layout, index)``, so the same seed writes the same bytes on any machine with the
+pinned stack, whatever its CPU, thread count, locale or time zone: the 8-bit rounding happens in
+float64 (CPU-specific math kernels differ by a few ULP), JPEGs use fixed settings and
+libjpeg-turbo's integer DCT, PNGs are written here with stored (uncompressed) deflate blocks
+(no compressor involved), and no file holds a timestamp or a path.
 
 Cues per class (each scaled by a per-image intensity in 0.35..1, plus noise and identity
 offsets such as a naturally down-turned mouth, so weak expressions overlap with neutral):
@@ -41,7 +44,7 @@ Layouts:
 ``rafdb``  100x100 JPEG (quality 90), tight aligned crops on soft backgrounds, RAF-DB basic layout
            (``EmoLabel/list_patition_label.txt`` + ``Image/aligned/train_00001_aligned.jpg``),
            about 80/20 train/test, default n=1500.
-``sfew``   112x112 PNG, a visibly different "movie still" domain: smaller face with neck and
+``sfew``   112x112 PNG (stored, uncompressed), a visibly different "movie still" domain: smaller face with neck and
            shoulders, dark cluttered backgrounds, strong side light, colour casts, more blur and
            noise, larger pose; ``Train/Train_Aligned_Faces/<Emotion>/*.png`` and
            ``Val/Val_Aligned_Faces/<Emotion>/*.png`` (about 70/30), default n=600.
@@ -56,7 +59,9 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +78,6 @@ _TRAIN_FRACTION = {"rafdb": 0.8, "sfew": 0.7}
 _MARKER = ".synthetic.json"
 _POOL_MIN_N = 300  # below this, a pool costs more than it saves
 JPEG_QUALITY = 90
-PNG_COMPRESS_LEVEL = 6
 
 #: Expression deltas from the identity's rest face, per class (index order of CLASSES).
 #: Keys: brow (both ends up), inner (inner end up), arch, eye (opening), lower (lower lid up),
@@ -429,8 +433,12 @@ def _draw_face(rng: np.random.Generator, label: int, layout: str) -> Image.Image
     blur = u(0.0, 1.1) if sfew else u(0.0, 0.6)
     if blur > 0.25:
         img = img.filter(ImageFilter.GaussianBlur(blur))
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    lin = np.linspace(-1, 1, out_size, dtype=np.float32)
+    # float64 from here on: the power (gamma) is the one transcendental step whose result is
+    # rounded to 8 bits, and numpy picks its kernel by CPU (AVX-512 has its own, a few ULP away
+    # from the baseline one). In float32, 1-2 ULP flip about 1 pixel in 10^5 after rounding
+    # (simulated; up to a third of the images); in float64 they sit ~10^-13 below the rounding.
+    a = np.asarray(img, dtype=np.float64) / 255.0
+    lin = np.linspace(-1.0, 1.0, out_size)
     ang = u(0, 2 * math.pi)
     strength = u(0.0, 0.6) if sfew else u(0.0, 0.3)
     light = 1.0 + strength * (math.cos(ang) * lin[None, :] + math.sin(ang) * lin[:, None])
@@ -438,24 +446,46 @@ def _draw_face(rng: np.random.Generator, label: int, layout: str) -> Image.Image
     a = a * (light * gain)[..., None]
     if sfew:  # colour cast: tungsten / teal / none
         cast = [np.array([1.12, 1.0, 0.82]), np.array([0.85, 1.02, 1.12]), np.ones(3)][int(rng.integers(3))]
-        a = a * cast.astype(np.float32)
+        a = a * cast
         a = 0.08 + 0.84 * a  # lifted blacks, lower contrast
     gamma = u(0.85, 1.2)
     a = np.clip(a, 0, 1) ** gamma
     sigma = (u(3, 10) if sfew else u(1, 6)) / 255.0
-    a = a + rng.standard_normal(a.shape, dtype=np.float32) * np.float32(sigma)
-    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+    a = a + rng.standard_normal(a.shape) * sigma
+    return Image.fromarray(np.floor(np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+
+
+def _png(img: Image.Image) -> bytes:
+    """``img`` (RGB) as a PNG whose bytes depend on the pixels only: filter 0 and *stored*
+    (uncompressed) deflate blocks, written here. A compressor's output is not fixed by its
+    format: zlib and zlib-ng (Pillow's) differ, and zlib-ng does not promise the same bytes
+    across versions or CPUs. Costs ~1.5x the size of a compressed PNG; any PNG reader reads it."""
+    w, h = img.size
+    px = np.asarray(img.convert("RGB"), dtype=np.uint8).reshape(h, w * 3)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), px], axis=1).tobytes()  # filter byte 0
+    blocks = [b"\x78\x01"]  # zlib header: deflate, 32K window, no dictionary
+    for i in range(0, len(raw), 0xFFFF):
+        part = raw[i:i + 0xFFFF]
+        last = int(i + 0xFFFF >= len(raw))
+        blocks.append(struct.pack("<BHH", last, len(part), len(part) ^ 0xFFFF) + part)
+    blocks.append(struct.pack(">I", zlib.adler32(raw)))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(blocks)) + chunk(b"IEND", b""))
 
 
 def render(label: int, layout: str = "rafdb", seed: int = 0, index: int = 0) -> bytes:
     """The encoded bytes (JPEG for rafdb, PNG for sfew) of one synthetic face."""
     rng = np.random.default_rng([seed, _LAYOUT_ID[layout], index])
     img = _draw_face(rng, label, layout)
-    buf = io.BytesIO()
     if layout == "sfew":
-        img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    else:
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return _png(img)
+    buf = io.BytesIO()  # libjpeg-turbo: integer DCT, the same bytes with or without its SIMD
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False,
+             progressive=False)
     return buf.getvalue()
 
 
