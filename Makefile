@@ -6,17 +6,32 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro test test-fast bench clean
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install lock repro test test-fast bench clean
+
+# Every package at the exact version in requirements.lock (torch 2.14.1 / torchvision 0.29.1
+# included), nothing resolved at install time; then the project itself, editable, without deps.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision first, pinned to the build this project is tested with
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed
+
+# Refresh requirements.lock after a change to pyproject.toml's dependencies (pins already in the
+# lock are kept where they still fit); `make lock UPGRADE=1` moves every package to its newest
+# allowed release. pip-compile runs in a throwaway venv; then `make install`.
+lock:
+	tmp=$$(mktemp -d) && python3 -m venv $$tmp \
+	&& $$tmp/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION) \
+	&& CUSTOM_COMPILE_COMMAND="make lock" $$tmp/bin/pip-compile --quiet --extra dev --strip-extras \
+	   --allow-unsafe --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	   -o requirements.lock pyproject.toml; rc=$$?; rm -rf $$tmp; exit $$rc
 
 repro: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
