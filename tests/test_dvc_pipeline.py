@@ -40,8 +40,17 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path):
+#: The outputs dvc.yaml declares ``cache: false``: committed to git beside dvc.lock.
+GIT_TRACKED_OUTPUTS = {f"reports/ingest_{d}.json" for d in ("rafdb", "sfew")} | {
+    "reports/imagenet_init.json", "reports/history_rafdb.json", "reports/history_sfew.json"} | {
+    f"{p}_{d}.{e}" for d in ("rafdb", "sfew")
+    for p, e in (("metrics/eval", "json"), ("plots/confusion", "csv"), ("plots/confusion", "png"))}
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """A git copy of the repo on the reduced config, after one `dvc repro`: (work, run)."""
+    tmp_path = tmp_path_factory.mktemp("dvc")
     work = tmp_path / "repo"
     work.mkdir()
     _copy_repo(work)
@@ -49,7 +58,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, REDUCED), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "RAY_AUTH_MODE": "disabled",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+           **{f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER")  # dvc exp commits too
+              for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}}
     env.pop("MLFLOW_TRACKING_URI", None)  # the contract's default: sqlite at the repo root
     env.pop("RAY_ADDRESS", None)
 
@@ -62,7 +73,12 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     first = run("dvc", "repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return work, run
 
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(repro):
+    work, run = repro
     for out in ("data/synthetic/rafdb/EmoLabel/list_patition_label.txt", "data/synthetic/sfew/Train",
                 "data/parquet/rafdb/train.parquet", "data/parquet/sfew/test.parquet",
                 "reports/ingest_rafdb.json", "reports/ingest_sfew.json", "models/imagenet_init.pt",
@@ -90,3 +106,73 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     shown = run("dvc", "metrics", "show", "--json")
     assert shown.returncode == 0 and "eval_rafdb.json" in shown.stdout
+
+
+def _exp_rows(shown) -> list[dict]:
+    """`dvc exp show --json` -> [{rev, name, accuracy}] for the baseline and its experiments."""
+    rows = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "metrics" in data:
+                m = (data.get("metrics") or {}).get("metrics/eval_rafdb.json") or {}
+                rows.append({"rev": node.get("rev") or data.get("rev"), "name": node.get("name"),
+                             "accuracy": (m.get("data") or {}).get("accuracy")})
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(shown)
+    return rows
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_compares_with_the_committed_baseline(repro):
+    """The cache: false outputs are not git-ignored: committed with dvc.lock they are the
+    baseline's figures, so `dvc exp show` puts an experiment's accuracy beside them and
+    `dvc metrics diff` prints the change. Nothing else the pipeline writes is left untracked."""
+    work, run = repro
+    status = run("git", "status", "--porcelain", "--untracked-files=all")
+    assert status.returncode == 0
+    untracked = {ln[3:] for ln in status.stdout.splitlines() if ln.startswith("?? ")}
+    changed = {ln[3:] for ln in status.stdout.splitlines() if not ln.startswith("?? ")}
+    assert untracked == GIT_TRACKED_OUTPUTS, sorted(untracked ^ GIT_TRACKED_OUTPUTS)
+    assert changed <= {"dvc.lock"}, changed
+    ignored = run("git", "status", "--porcelain", "--ignored", "--untracked-files=all").stdout
+    for big in ("data/parquet/rafdb/train.parquet", "models/rafdb/model.pt", "mlflow.db"):
+        assert f"!! {big}" in ignored, big  # generated and large: stays ignored
+    for cmd in (["git", "add", "dvc.lock", *sorted(GIT_TRACKED_OUTPUTS)],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"]):
+        r = run(*cmd)
+        assert r.returncode == 0, r.stderr
+    base = json.loads((work / "metrics/eval_rafdb.json").read_text())["accuracy"]
+
+    epochs = REDUCED["train_rafdb"]["epochs"] - 2
+    exp = run("dvc", "exp", "run", "-n", "fewer-epochs", "-S", f"train_rafdb.epochs={epochs}")
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    new = json.loads((work / "metrics/eval_rafdb.json").read_text())["accuracy"]
+
+    shown = run("dvc", "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rows = _exp_rows(json.loads(shown.stdout))
+    by_name = {r["name"]: r for r in rows if r["name"]}
+    assert "fewer-epochs" in by_name, rows
+    assert by_name["fewer-epochs"]["accuracy"] == pytest.approx(new)
+    head = run("git", "rev-parse", "HEAD").stdout.strip()
+    baseline = [r for r in rows if r["rev"] == head]
+    assert baseline and baseline[0]["accuracy"] == pytest.approx(base), rows  # not "!"
+
+    diff = run("dvc", "metrics", "diff", "--all", "--json")
+    assert diff.returncode == 0, diff.stderr
+    acc = json.loads(diff.stdout)["metrics/eval_rafdb.json"]["accuracy"]
+    assert acc["old"] == pytest.approx(base) and acc["new"] == pytest.approx(new)
+    text = run("dvc", "metrics", "diff", "--all").stdout  # Path Metric HEAD workspace Change
+    row = [ln.split() for ln in text.splitlines()
+           if ln.split()[:2] == ["metrics/eval_rafdb.json", "accuracy"]]
+    assert row and len(row[0]) == 5, text
+    old_v, new_v, change = map(float, row[0][2:])
+    assert old_v == pytest.approx(base, abs=1e-4) and new_v == pytest.approx(new, abs=1e-4), text
+    assert change == pytest.approx(new - base, abs=1e-4), text
