@@ -5,10 +5,20 @@ overridable by the user: Ray runs without an auth token file, MLflow sends no te
 unreachable MLflow tracking server fails within about 18 s (two attempts of 8 s) instead of
 MLflow's own minutes of retries (raise MLFLOW_HTTP_REQUEST_TIMEOUT for a slow server or large
 uploads).
+
+Console output: ``FER_LOG_LEVEL`` (default ``warning``; ``info`` or ``debug`` for everything)
+is the level of MLflow's and Ray Train's own messages on the console. The pipeline's own lines
+(one per stage, per epoch, progress bars) always show; Ray's full logs stay in its session folder,
+which the first Ray line names.
 """
 import os as _os
 
+LOG_LEVEL = _os.environ.get("FER_LOG_LEVEL", "warning").strip().upper() or "WARNING"
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+    LOG_LEVEL = "WARNING"
+
 for _k, _v in {"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "8", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}.items():
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_LOGGING_LEVEL": LOG_LEVEL,
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": str(LOG_LEVEL == "DEBUG").lower()}.items():
     _os.environ.setdefault(_k, _v)

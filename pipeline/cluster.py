@@ -7,10 +7,12 @@ would otherwise be picked up, and ``ray.init(num_cpus=...)`` then fails). One li
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
 
+from pipeline import LOG_LEVEL
 from pipeline.data._util import default_workers
 from pipeline.errors import FerError
 
@@ -29,16 +31,27 @@ def ensure_ray(num_cpus: float = 0) -> bool:
     env = {"MLFLOW_TRACKING_URI": tracking_uri(),
            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    quiet = {"logging_level": logging.getLevelName(LOG_LEVEL), "log_to_driver": True}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
         where = f"joined the Ray cluster at {address}"
     else:
         ray.init(address="local", num_cpus=max(default_workers(), math.ceil(num_cpus)),
-                 include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+                 include_dashboard=False, runtime_env={"env_vars": env}, **quiet)
         where = "started a private local Ray instance (set RAY_ADDRESS to join a cluster)"
     res = ray.cluster_resources()
-    print(f"ray: {where}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs", flush=True)
+    print(f"ray: {where}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
+          f"its logs: {_logs_dir()}", flush=True)
     return True
+
+
+def _logs_dir() -> str:
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API that may move: the usual place
+        return "/tmp/ray/session_latest/logs"
 
 
 def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:

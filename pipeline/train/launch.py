@@ -76,7 +76,9 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     trainer is built: the training stages, every Tune trial (``callbacks=[TuneReportCallback()]``)
     and every ablation row come here. ``extra_loop_config`` is merged into the worker config
     (test hooks such as ``_fail_at_epoch``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    from pipeline import LOG_LEVEL
 
     from pipeline.cluster import auto_cpus_per_worker, ensure_ray, worker_resources
     from pipeline.tracking import tracking_uri
@@ -117,6 +119,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks) or None,
+            logging_config=LoggingConfig(log_level=LOG_LEVEL),  # Ray Train's own messages
         ),
     )
     try:

@@ -164,6 +164,12 @@ def train_loop_per_worker(config: dict) -> None:
     on_gpu = device.type == "cuda"
     amp = on_gpu if cfg["amp"] == "auto" else bool(cfg["amp"])
     channels_last = on_gpu if cfg["channels_last"] == "auto" else bool(cfg["channels_last"])
+    import logging
+
+    from pipeline import LOG_LEVEL
+
+    # Ray Train's per-report INFO lines reach the console through the root logger too
+    logging.getLogger("ray.train").setLevel(LOG_LEVEL)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
     seed = int(cfg["seed"])
