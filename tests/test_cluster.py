@@ -26,3 +26,63 @@ def test_worker_resources(monkeypatch):
         worker_resources("auto", 1, 4, {"CPU": 2})
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale: no CPU check
     assert worker_resources("auto", 1, 4, {"CPU": 2})["cpus_per_worker"] == 4
+
+
+def _ray_cli():
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else shutil.which("ray")
+
+
+@pytest.mark.slow
+def test_private_instance_unless_ray_address(tmp_path):
+    """A cluster left by `ray start --head` on this machine (its address file in Ray's temp
+    folder) is joined only when RAY_ADDRESS names it; otherwise a private local instance."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([_ray_cli(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    probe = ("from pipeline.cluster import ensure_ray; import ray; ensure_ray(); "
+             "print('CPUS', ray.cluster_resources()['CPU']); ray.shutdown()")
+    try:
+        import time
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # wait until the head answers
+            r = subprocess.run([_ray_cli(), "status", "--address", f"127.0.0.1:{port}"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                break
+            time.sleep(1)
+        assert r.returncode == 0, r.stderr[-1000:]
+        local = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                               timeout=180, cwd=tmp_path)
+        assert local.returncode == 0, local.stderr[-2000:]
+        assert "started a private local Ray instance" in local.stdout
+        assert "Traceback" not in local.stderr
+        joined = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                                env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=180)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert f"joined the Ray cluster at 127.0.0.1:{port}" in joined.stdout
+        assert "CPUS 1.0" in joined.stdout  # the head's one CPU, not this machine's
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
