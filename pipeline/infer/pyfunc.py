@@ -14,6 +14,8 @@ import base64
 import binascii
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 
@@ -53,6 +55,14 @@ def to_images(model_input) -> list:
     return [_as_image(v) for v in items]
 
 
+class BadInput(MlflowException, ValueError):
+    """A request the model cannot read (not base64, not an image, over the pixel cap): the served
+    model answers HTTP 400 with this one line, and stays up; a ValueError for Python callers."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class FerPyfunc(mlflow.pyfunc.PythonModel):
     """Loads ``context.artifacts["checkpoint"]`` (the training ``model.pt``) into a Predictor."""
 
@@ -64,14 +74,13 @@ class FerPyfunc(mlflow.pyfunc.PythonModel):
     # The hint is the serving input (`mlflow models serve`); lists and arrays of images work too.
     # pd.DataFrame is a hint MLflow neither validates nor converts against.
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        images = to_images(model_input)
         classes = self.predictor.classes
-        if not images:
-            return pd.DataFrame(columns=["label", *classes])
         try:
+            images = to_images(model_input)
+            if not images:
+                return pd.DataFrame(columns=["label", *classes])
             preds = self.predictor.predict_faces(images)
-        except FerError as e:
-            # a plain ValueError for MLflow callers; the message is the decoder's one line
-            raise ValueError(str(e)) from e
+        except (FerError, ValueError) as e:
+            raise BadInput(str(e)) from e
         rows = [{"label": p["label"], **p["probabilities"]} for p in preds]
         return pd.DataFrame(rows, columns=["label", *classes])

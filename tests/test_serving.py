@@ -1,0 +1,116 @@
+"""The README's `mlflow models serve` command on the registry's champion, for real: a server on
+127.0.0.1 started here (and ended by PID), a real JPEG posted as base64, bad payloads answered
+with HTTP 400 and a readable message while the server stays up."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.classes import CLASSES
+from pipeline.data.synthetic import render
+
+from test_evaluate import make_assets
+
+NAME = "lip-vgg16-served"
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _frame(*images: str) -> dict:
+    """The documented request: a dataframe_split with one `image` column of base64 strings."""
+    return {"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from pipeline import tracking
+    from pipeline.infer import registry
+
+    d = tmp_path_factory.mktemp("serve")
+    assets = make_assets(d.parent / "serve_assets")
+    uri = f"sqlite:///{d}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        run = tracking.start_run("serve-test", "evaluate", stage="evaluate", dataset="t")
+        registry.log_and_register_model(run, assets["checkpoint"], registered_name=NAME, test_accuracy=0.5)
+        tracking.end_run(run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent  # uvicorn must be on PATH for `--env-manager local`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([str(bindir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--host", "127.0.0.1", "--port", str(port), "--env-manager", "local"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not answer /ping in 180 s"
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/invocations", assets
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_served_champion_equals_fer_predict(served, tmp_path):
+    from pipeline.infer.predictor import Predictor
+
+    url, assets = served
+    jpegs = [render(label, "rafdb", seed=21, index=label) for label in (0, 3, 6)]
+    status, out = _post(url, _frame(*(base64.b64encode(j).decode() for j in jpegs)))
+    assert status == 200, out
+    served_p = np.array([[p[c] for c in CLASSES] for p in out["predictions"]])
+    local = Predictor(str(assets["checkpoint"]), device="cpu").predict_faces(jpegs)
+    np.testing.assert_allclose(served_p, [[p["probabilities"][c] for c in CLASSES] for p in local], atol=1e-5)
+    assert [p["label"] for p in out["predictions"]] == [p["label"] for p in local]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("payload, says", [
+    (_frame("this is not base64!"), "base64"),
+    (_frame(base64.b64encode(b"plain text, not an image").decode()), "not an image"),
+    (_frame(""), "zero-byte file"),
+])
+def test_bad_payload_is_a_400_and_the_server_stays_up(served, payload, says):
+    url, _ = served
+    status, out = _post(url, payload)
+    assert status == 400, out
+    assert says in out.get("message", ""), out
+    ok = base64.b64encode(render(3, "rafdb", seed=2, index=1)).decode()
+    status, out = _post(url, _frame(ok))
+    assert status == 200 and len(out["predictions"]) == 1
