@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,20 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _data_stage_commands(params: dict) -> list[list[str]]:
+    """synth@<ds> and ingest@<ds>, both datasets, as dvc.yaml declares their commands."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    cmds = []
+    for ds in DATASETS:
+        for name in ("synth", "ingest"):
+            do = stages[name]["do"]
+            cmd = do["cmd"].replace("${key}", ds)
+            cmd = cmd.replace("${item}", ds if name == "synth" else str(params["datasets"][ds]))
+            argv = shlex.split(cmd)
+            cmds.append([sys.executable if argv[0] == "python" else argv[0], *argv[1:]])
+    return cmds
+
+
 def _run_data_stages(project: Path, *, workers: int, cpus: set[int] | None, env: dict) -> None:
     """synth and ingest for both datasets, as DVC runs them (cwd = the project, code from the
     repo), in ``project`` holding a reduced params.yaml."""
@@ -56,12 +71,10 @@ def _run_data_stages(project: Path, *, workers: int, cpus: set[int] | None, env:
                 if not k.startswith(("OMP_", "MKL_", "OPENBLAS_", "NPY_", "JSIMD_", "LC_"))}
     full_env.update(PYTHONPATH=str(REPO), **env)
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    for ds in DATASETS:
-        for stage in ("synth", "ingest"):
-            r = subprocess.run([sys.executable, "-m", f"stages.{stage}", ds], cwd=project,
-                               env=full_env, preexec_fn=preexec, capture_output=True, text=True,
-                               timeout=600)
-            assert r.returncode == 0, f"{stage} {ds}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+    for cmd in _data_stage_commands(params):
+        r = subprocess.run(cmd, cwd=project, env=full_env, preexec_fn=preexec,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
 
 
 @pytest.mark.slow
