@@ -39,6 +39,12 @@ def _predict(a: argparse.Namespace) -> None:
     predict_command(a)
 
 
+def _export(a: argparse.Namespace) -> None:
+    from pipeline.infer.export import export_command
+
+    export_command(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fer", description="LIP-VGG16 facial expression pipeline")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="detect faces in photos and print their expressions")
     add_predict_arguments(s)
     s.set_defaults(func=_predict)
+
+    s = sub.add_parser("export", help="export a trained model (checkpoint or registry URI) to ONNX "
+                                      "for `fer predict --model model.onnx` (onnxruntime)")
+    s.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    s.add_argument("--model", default=None,
+                   help="a model.pt checkpoint or a registry URI (default: as fer predict)")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.set_defaults(func=_export)
 
     from pipeline.ablation import ablation_command, add_ablation_arguments
     from pipeline.train.tune import add_tune_arguments, tune_command

@@ -144,3 +144,62 @@ def test_predict_command_registry_default_without_store(tmp_path, monkeypatch):
     with pytest.raises(FerError, match="models:/lip-vgg16-rafdb@champion") as e:
         predict_command(_args(str(good)))
     assert "\n" not in str(e.value) and not db.exists()
+
+
+@pytest.mark.parametrize("pool", ["lip", "max"])
+@pytest.mark.parametrize("head", ["conv", "fc"])
+@pytest.mark.parametrize("attention", ["eca", "none"])
+def test_batch_size_independence(pool, head, attention):
+    """A face predicted alone and inside a batch of 32 gives the same probabilities (eval mode:
+    BatchNorm running statistics, LIP's InstanceNorm and ECA are per-sample)."""
+    from pipeline.model import lip_vgg16
+
+    torch.manual_seed(0)
+    model = lip_vgg16(pool=pool, head=head, attention=attention, width=0.0625)
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    meta = {"classes": list(CLASSES), "crop": 48, "image_size": 56, "model_config": model.config}
+    p = Predictor((model, meta), device="cpu", batch_size=32)
+    faces = list(np.random.default_rng(1).integers(0, 256, (32, 56, 56, 3), dtype=np.uint8))
+    faces[5] = decode_image(render(3, "rafdb", seed=7, index=1))  # a face among noise
+    batch = p.probabilities(faces)
+    for i in (0, 5, 31):
+        alone = p.probabilities([faces[i]])
+        assert torch.allclose(alone[0], batch[i], atol=1e-5, rtol=0), (i, (alone[0] - batch[i]).abs().max())
+    assert not model.training
+
+
+def test_predict_command_annotate_and_json_landmarks(assets, tmp_path, capsys):
+    """--annotate writes the picture with boxes and labels; --json keeps boxes, landmarks, all
+    seven probabilities and how each face was aligned."""
+    from pipeline.infer.facebench import _background, face_transform, paste, synthetic_landmarks
+
+    face, _ = synthetic_landmarks(2, seed=0, index=2)
+    img = paste(_background(np.random.default_rng(3), 480, 360), face, face_transform(1.3, 20, (270, 200)))
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(img).save(photo, quality=95)
+    out = tmp_path / "out" / "annotated.jpg"
+    predict_command(_args(str(photo), "--model", str(assets["checkpoint"]), "--device", "cpu",
+                          "--json", "--annotate", str(out)))
+    data = json.loads(capsys.readouterr().out)
+    f = data[0]["faces"][0]
+    assert f["detected"] and f["aligned"] == "eyes" and len(f["landmarks"]) == 2
+    assert list(f["probabilities"]) == list(CLASSES) and len(f["box"]) == 4
+    assert data[0]["annotated"] == str(out)
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    assert drawn.shape == img.shape
+    x, y, w, h = f["box"]
+    ring = np.abs(drawn.astype(int) - img.astype(int)).sum(-1)
+    assert ring[y:y + h, x].mean() > 30  # the box's left edge is drawn
+    assert ring[max(y - 20, 0):y, x:x + w].mean() > 10  # the caption above it
+    # several photos: --annotate names a folder (same names in two folders: numbered)
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b" / "photo.jpg"
+    other.write_bytes(photo.read_bytes())
+    predict_command(_args(str(photo), str(other), "--model", str(assets["checkpoint"]), "--device", "cpu",
+                          "--annotate", str(tmp_path / "many"), "--align", "none"))
+    text = capsys.readouterr().out
+    assert "annotated picture:" in text
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["photo_annotated.jpg", "photo_annotated_2.jpg"]

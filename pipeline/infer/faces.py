@@ -1,43 +1,81 @@
-"""Face detection for `fer predict`: OpenCV's frontal-face Haar cascade, crops with a margin.
+"""Face detection for `fer predict`, and the face crops the model sees.
+
+Three ways to turn a detected face into the model's input (``align``):
+
+``none``       the original path: OpenCV's frontal-face Haar cascade, the box grown by a margin,
+               made square and cropped (the predictor then resizes it).
+``eyes``       the same face cascade, run on the photo and on copies rotated by
+               :data:`ANGLES` (so tilted faces are found), then OpenCV's bundled eye cascades
+               inside each face; the two eye centres define a similarity transform onto the
+               canonical aligned geometry (:mod:`pipeline.infer.align`) at the model's input
+               size. A face whose eyes are not both found is aligned from its box instead (eye
+               positions expected in a Haar box, rotation of the copy it was found in):
+               ``landmarks`` is then None and ``aligned`` is ``"box"``.
+``landmarks``  a five-point detector (eye centres, nose tip, mouth corners): see
+               :mod:`pipeline.infer.landmarks`; the five points are fitted to the canonical
+               template by least squares.
 
 When no face is found the whole image is used, and the result says so (``detected=False``).
+Every model file used here ships inside an installed package: nothing is downloaded.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.errors import FerError
 
 CASCADE = "haarcascade_frontalface_default.xml"
+#: Eye cascades tried in order inside a face (the second one also finds eyes behind glasses).
+EYE_CASCADES = ("haarcascade_eye.xml", "haarcascade_eye_tree_eyeglasses.xml")
+#: Rotations (degrees) of the photo searched by ``--align eyes``: frontal Haar cascades find
+#: faces tilted up to about 15 degrees, so these cover about +-40.
+ANGLES = (0.0, -25.0, 25.0)
+#: Where a Haar face box has the eyes (fractions of the box, image left eye first), measured on
+#: synthetic faces (pipeline.infer.facebench): used when the eye cascades miss.
+BOX_EYES = ((0.335, 0.425), (0.665, 0.425))
+ALIGN_MODES = ("none", "eyes", "landmarks")
+#: A face found only in a rotated copy must pass this cascade confidence (``levelWeights``):
+#: the rotated copies add searches, so their weakest finds are mostly clutter (measured on
+#: pipeline.infer.facebench photos: true finds >= 1.9, false ones <= 1.5).
+MIN_ROTATED_WEIGHT = 1.7
 
 
 @dataclass
 class Face:
-    image: np.ndarray               # uint8 HxWx3 RGB crop
-    box: tuple[int, int, int, int]  # x, y, w, h of the crop in the photo
+    image: np.ndarray               # uint8 HxWx3 RGB crop (aligned: size x size)
+    box: tuple[int, int, int, int]  # x, y, w, h of the face in the photo
     detected: bool                  # False: no face found, this is the whole image
+    landmarks: list | None = None   # [[x, y], ...] in the photo: 2 eyes or 5 points
+    aligned: str = "none"           # none | eyes | landmarks | box
+    angle: float = 0.0              # in-plane rotation of the face (degrees, image y down)
+    extra: dict = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=1)
-def _cascade():
+@functools.lru_cache(maxsize=4)
+def _cascade(name: str = CASCADE):
     import cv2
 
-    path = cv2.data.haarcascades + CASCADE
+    path = cv2.data.haarcascades + name
     det = cv2.CascadeClassifier(path)
     if det.empty():
-        raise FerError(f"cannot load OpenCV's face detector {path} (install opencv-python-headless<5)")
+        raise FerError(f"cannot load OpenCV's detector {path} (install opencv-python-headless<5)")
     return det
 
 
-def detect(image: np.ndarray, *, min_size: int = 24) -> list[tuple[int, int, int, int]]:
-    """Face boxes ``(x, y, w, h)`` in an RGB uint8 image, largest first."""
+def _gray(image: np.ndarray) -> np.ndarray:
     import cv2
 
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    gray = cv2.equalizeHist(gray)
+    if image.ndim == 2:
+        return cv2.equalizeHist(image)
+    return cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
+
+
+def detect(image: np.ndarray, *, min_size: int = 24) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, w, h)`` in an RGB uint8 (or equalised gray) image, largest first."""
+    gray = _gray(image) if image.ndim == 3 else image
     boxes = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                         minSize=(min_size, min_size))
     boxes = [tuple(int(v) for v in b) for b in (boxes if len(boxes) else [])]
@@ -55,14 +93,211 @@ def square_with_margin(box, height: int, width: int, margin: float = 0.2) -> tup
     return x0, y0, side, side
 
 
-def find_faces(image: np.ndarray, *, margin: float = 0.2, max_faces: int = 20) -> list[Face]:
-    """Face crops of an RGB uint8 image (largest first); the whole image when none is found."""
+# --------------------------------------------------------------------------- rotated search
+
+
+def _rotation(shape, angle: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """2x3 matrix rotating an image of ``shape`` by ``angle`` degrees (counter-clockwise as
+    seen) about its centre into a canvas that holds all of it, and that canvas's (w, h)."""
+    import cv2
+
+    h, w = shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    c, s = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(np.ceil(w * c + h * s)), int(np.ceil(w * s + h * c))
+    m[0, 2] += (nw - w) / 2
+    m[1, 2] += (nh - h) / 2
+    return m, (nw, nh)
+
+
+@dataclass
+class _Hit:
+    box: tuple[int, int, int, int]  # in the rotated copy
+    angle: float
+    m: np.ndarray                   # photo -> rotated copy
+    weight: float
+    centre: np.ndarray              # in the photo
+    size: float
+
+
+def _search(gray: np.ndarray, angles, min_size: int) -> list[_Hit]:
+    import cv2
+
+    from pipeline.infer.align import invert, transform_points
+
+    hits = []
+    for a in angles:
+        if a == 0:
+            m = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+            g = gray
+        else:
+            m, (nw, nh) = _rotation(gray.shape, a)
+            g = cv2.warpAffine(gray, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=128)
+        boxes, _, weights = _cascade().detectMultiScale3(
+            g, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size), outputRejectLevels=True)
+        inv = invert(m)
+        for b, wt in zip(boxes if len(boxes) else [], np.ravel(weights) if len(boxes) else []):
+            if a != 0 and wt < MIN_ROTATED_WEIGHT:
+                continue
+            x, y, w, h = (int(v) for v in b)
+            c = transform_points(inv, [[x + (w - 1) / 2, y + (h - 1) / 2]])[0]
+            hits.append(_Hit((x, y, w, h), float(a), m, float(wt) - 0.5 * abs(a) / 25.0, c, float(w)))
+    # one detection per face: the same face found at several angles keeps its best (an upright
+    # find wins ties: the weight is docked for rotation)
+    hits.sort(key=lambda h: -h.weight)
+    kept: list[_Hit] = []
+    for h in hits:
+        if all(np.linalg.norm(h.centre - k.centre) > 0.4 * min(h.size, k.size) for k in kept):
+            kept.append(h)
+    return sorted(kept, key=lambda h: -h.size)
+
+
+def _eye_pair(gray_rot: np.ndarray, box) -> np.ndarray | None:
+    """Both eye centres (rotated-copy coordinates, image-left first) inside a face box, or None."""
+    x, y, w, h = box
+    H, W = gray_rot.shape[:2]
+    y0, y1 = max(y + int(0.15 * h), 0), min(y + int(0.62 * h), H)
+    x0, x1 = max(x, 0), min(x + w, W)
+    roi = gray_rot[y0:y1, x0:x1]
+    if roi.size == 0:
+        return None
+    lo, hi = max(int(w * 0.12), 6), max(int(w * 0.45), 8)
+    best, best_cost = None, np.inf
+    for name in EYE_CASCADES:
+        eyes = _cascade(name).detectMultiScale(roi, scaleFactor=1.05, minNeighbors=3,
+                                               minSize=(lo, lo), maxSize=(hi, hi))
+        cands = [(ex + x0 + (ew - 1) / 2, ey + y0 + (eh - 1) / 2, ew) for ex, ey, ew, eh in
+                 (eyes if len(eyes) else [])]
+        left = [c for c in cands if c[0] < x + w / 2]
+        right = [c for c in cands if c[0] >= x + w / 2]
+        for lc in left:
+            for rc in right:
+                dx, dy = rc[0] - lc[0], rc[1] - lc[1]
+                if not (0.25 * w <= dx <= 0.7 * w) or abs(dy) > 0.25 * dx:
+                    continue
+                # expected: eyes symmetric about the box centre, 0.33 w apart, alike in size
+                cost = (abs((lc[0] + rc[0]) / 2 - (x + w / 2)) / w + abs(dx - 0.33 * w) / w
+                        + abs(dy) / w + abs(lc[2] - rc[2]) / w)
+                if cost < best_cost:
+                    best, best_cost = np.array([lc[:2], rc[:2]]), cost
+        if best is not None:
+            return best
+    return None
+
+
+def _dark_eyes(gray_rot: np.ndarray, box) -> np.ndarray | None:
+    """Eye centres as the darkest spots (pupil, iris) near where a Haar box expects them, or
+    None when neither side has a clear dark spot. Used when the eye cascades miss."""
+    import cv2
+
+    x, y, w, h = box
+    H, W = gray_rot.shape[:2]
+    sigma = max(w * 0.025, 0.8)
+    out = []
+    for fx, fy in BOX_EYES:
+        px, py = x + fx * w, y + fy * h
+        x0, x1 = int(max(px - 0.11 * w, 0)), int(min(px + 0.11 * w + 1, W))
+        y0, y1 = int(max(py - 0.07 * h, 0)), int(min(py + 0.08 * h + 1, H))
+        win = gray_rot[y0:y1, x0:x1].astype(np.float32)
+        if win.shape[0] < 3 or win.shape[1] < 3:
+            return None
+        # dark blobs (pupil, iris) over dark lines (brows, lids): a difference of Gaussians
+        sm = cv2.GaussianBlur(win, (0, 0), sigma) - cv2.GaussianBlur(win, (0, 0), 3 * sigma)
+        if float(np.median(sm) - sm.min()) < 12:  # no clear dark spot
+            return None
+        iy, ix = np.unravel_index(int(np.argmin(sm)), sm.shape)
+        # sub-pixel: centroid of darkness in a small disc around the minimum
+        r = max(int(round(2 * sigma)), 1)
+        ys, xs = np.mgrid[max(iy - r, 0):min(iy + r + 1, sm.shape[0]), max(ix - r, 0):min(ix + r + 1, sm.shape[1])]
+        wgt = np.clip(np.median(sm) - sm[ys, xs], 0, None)
+        if wgt.sum() <= 0:
+            return None
+        out.append([x0 + (xs * wgt).sum() / wgt.sum(), y0 + (ys * wgt).sum() / wgt.sum()])
+    pair = np.array(out)
+    dx, dy = pair[1] - pair[0]
+    if not (0.2 * w <= dx <= 0.5 * w) or abs(dy) > 0.2 * dx:
+        return None
+    return pair
+
+
+def locate(image: np.ndarray, *, angles=ANGLES, min_size: int = 24, max_faces: int = 20,
+           eyes: bool = True) -> list[dict]:
+    """Faces with eye landmarks: ``[{"box", "landmarks" ([2, 2] or None), "angle",
+    "source" ("eyes" | "box"), "m_box" (photo -> the box's rotated frame)}]``, largest first."""
+    import cv2
+
+    from pipeline.infer.align import invert, transform_points
+
+    gray = _gray(image)
+    out = []
+    for hit in _search(gray, angles, min_size)[:max_faces]:
+        x, y, w, h = hit.box
+        inv = invert(hit.m)
+        corners = transform_points(inv, [[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
+        x0, y0 = np.floor(corners.min(0)).astype(int)
+        x1, y1 = np.ceil(corners.max(0)).astype(int)
+        pair = None
+        if eyes:
+            if hit.angle == 0:
+                g = gray
+            else:
+                nw, nh = _rotation(gray.shape, hit.angle)[1]
+                g = cv2.warpAffine(gray, hit.m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=128)
+            pair = _eye_pair(g, hit.box)
+            if pair is None:
+                pair = _dark_eyes(g, hit.box)
+        if pair is not None:
+            lm, source = transform_points(inv, pair), "eyes"
+        else:
+            prior = [[x + fx * w, y + fy * h] for fx, fy in BOX_EYES]
+            lm, source = transform_points(inv, prior), "box"
+        out.append({"box": (int(x0), int(y0), int(x1 - x0), int(y1 - y0)), "landmarks": lm,
+                    "angle": hit.angle, "source": source})
+    return out
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def _angle_of(lm: np.ndarray) -> float:
+    d = lm[1] - lm[0]
+    return float(np.degrees(np.arctan2(d[1], d[0])))
+
+
+def find_faces(image: np.ndarray, *, margin: float = 0.2, max_faces: int = 20,
+               align: str = "none", size: int | None = None) -> list[Face]:
+    """Face crops of an RGB uint8 image (largest first); the whole image when none is found.
+
+    ``align="none"``: square crops with ``margin``. ``"eyes"`` / ``"landmarks"``: crops warped
+    onto the canonical aligned geometry at ``size x size`` (the model's input size)."""
+    if align not in ALIGN_MODES:
+        raise FerError(f"--align {align!r}: use one of {', '.join(ALIGN_MODES)}")
     h, w = image.shape[:2]
-    boxes = detect(image)[:max_faces]
-    if not boxes:
+    if align == "none":
+        boxes = detect(image)[:max_faces]
+        faces = []
+        for b in boxes:
+            x, y, s, _ = square_with_margin(b, h, w, margin)
+            faces.append(Face(np.ascontiguousarray(image[y:y + s, x:x + s]), (x, y, s, s), True))
+    else:
+        if size is None:
+            raise ValueError("aligned crops need the model's input size")
+        from pipeline.infer.align import align as warp_face
+
+        if align == "eyes":
+            found = locate(image, max_faces=max_faces)
+        else:
+            from pipeline.infer.landmarks import detect_landmarks
+
+            found = detect_landmarks(image, max_faces=max_faces)
+        faces = []
+        for f in found:
+            lm = np.asarray(f["landmarks"], np.float64)
+            src = f["source"]
+            faces.append(Face(warp_face(image, lm, size), tuple(int(v) for v in f["box"]), True,
+                              None if src == "box" else np.round(lm, 2).tolist(),
+                              src, round(_angle_of(lm[:2]), 2),
+                              {k: v for k, v in f.items() if k == "score"}))
+    if not faces:
         return [Face(image, (0, 0, w, h), False)]
-    faces = []
-    for b in boxes:
-        x, y, s, _ = square_with_margin(b, h, w, margin)
-        faces.append(Face(np.ascontiguousarray(image[y:y + s, x:x + s]), (x, y, s, s), True))
     return faces
