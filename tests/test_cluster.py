@@ -86,3 +86,9 @@ def test_private_instance_unless_ray_address(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
+        # what `ray stop` would do: forget the head's address, if it is still ours
+        from pathlib import Path
+
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

@@ -451,7 +451,9 @@ def _draw_face(rng: np.random.Generator, label: int, layout: str) -> Image.Image
     gamma = u(0.85, 1.2)
     a = np.clip(a, 0, 1) ** gamma
     sigma = (u(3, 10) if sfew else u(1, 6)) / 255.0
-    a = a + rng.standard_normal(a.shape) * sigma
+    # drawn as float32 (the draws the set was first made with: the same faces as before),
+    # added in float64
+    a = a + rng.standard_normal(a.shape, dtype=np.float32).astype(np.float64) * sigma
     return Image.fromarray(np.floor(np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
 
