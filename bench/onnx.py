@@ -8,14 +8,19 @@ width; speed does not depend on the weights.
 """
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+# run as `python bench/onnx.py`, this file's folder comes first on sys.path and its name would
+# shadow the onnx package: drop the folder before anything imports onnx
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline.data.classes import CLASSES
 from pipeline.infer.export import OnnxPredictor, export_onnx
