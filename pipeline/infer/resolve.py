@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.errors import FerError
 
-#: ``MLmodel`` metadata key holding the checkpoint's sha256 (written by tracking.log_model).
+#: ``MLmodel`` metadata key holding the checkpoint's sha256 (written by registry.log_model).
 SHA_KEY = "fer_checkpoint_sha256"
 _LOGGED_MODEL_ID = re.compile(r"^models:/(m-[0-9a-f]{32})/?$")
 
