@@ -28,7 +28,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    """A 320x240 MP4 at 10 frames/s: a synthetic face drifting and turning, then empty frames."""
+    """A 320x240 MP4 at 10 frames/s: a synthetic face drifting and turning, then frames with no
+    face (flat grey: the cluttered background alone can give the cascade a false find)."""
     import cv2
 
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
@@ -37,7 +38,8 @@ def clip(tmp_path_factory):
     wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
     assert wr.isOpened()
     for i in range(FRAMES):
-        img = paste(bg.copy(), face, face_transform(1.2, 2 * i, (150 + 3 * i, 120))) if i in FACE_FRAMES else bg
+        img = (paste(bg.copy(), face, face_transform(1.2, 2 * i, (150 + 3 * i, 120))) if i in FACE_FRAMES
+               else np.full_like(bg, 128))
         wr.write(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     wr.release()
     return path
