@@ -12,7 +12,6 @@ evaluation counts every test image exactly once.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from pathlib import Path
@@ -108,9 +107,10 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return y.mul_(inv).sub_(shift)
 
 
-@functools.lru_cache(maxsize=16)
 def _norm_consts(device: torch.device, mean: tuple, std: tuple):
-    """(1 / (255 std), mean / std) as float32 [3,1,1] on ``device`` (made once per device)."""
+    """(1 / (255 std), mean / std) as float32 [3,1,1] on ``device``. Made per call, not cached:
+    constants made while torch.export or torch.compile traces are not real tensors, and a cache
+    would hand them to every later eager call (two 3-element tensors cost nothing per batch)."""
     m = torch.tensor(mean, dtype=torch.float64)
     s = torch.tensor(std, dtype=torch.float64)
     inv = (1.0 / (s * 255.0)).to(device=device, dtype=torch.float32).view(3, 1, 1)

@@ -61,21 +61,14 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:
-        from pipeline.data import loader
-
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                prog = torch.onnx.export(module, (dummy,), dynamo=True, opset_version=opset,
-                                         input_names=["images"], output_names=["probabilities"],
-                                         dynamic_shapes=({0: batch},), optimize=True,
-                                         verbose=False, external_data=False)
-                prog.save(tmp, external_data=False)
-        finally:
-            # normalize() caches its constants per device; tensors made while torch.export
-            # traced are not real ones, and would poison every later eager call
-            loader._norm_consts.cache_clear()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            prog = torch.onnx.export(module, (dummy,), dynamo=True, opset_version=opset,
+                                     input_names=["images"], output_names=["probabilities"],
+                                     dynamic_shapes=({0: batch},), optimize=True,
+                                     verbose=False, external_data=False)
+            prog.save(tmp, external_data=False)
         m = onnx.load(tmp)
         meta = {"classes": json.dumps(list(predictor.classes)), "crop": str(predictor.crop),
                 "image_size": str(predictor.image_size),
