@@ -7,7 +7,7 @@ import torch
 from pipeline.errors import FerError
 from pipeline.model import lip_vgg16
 from pipeline.train.config import TrainConfig
-from pipeline.train.launch import auto_cpus_per_worker
+from pipeline.cluster import auto_cpus_per_worker
 from pipeline.model.checkpoint import load_init as load_init_checkpoint
 from pipeline.train.worker import lr_lambda
 
