@@ -45,3 +45,5 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/lip.py
 	$(PY) bench/data.py
+	# onnxruntime vs PyTorch prediction (width 0.25 here; --width 1.0 is the paper's network)
+	$(PY) bench/onnx.py --width 0.25 --seconds 2
