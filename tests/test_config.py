@@ -53,10 +53,9 @@ def test_unknown_keys_and_sections_are_errors(tmp_path):
 def test_missing_dataset_path_says_what_to_download(tmp_path):
     from stages.ingest import source_path
 
-    params = {"datasets": {"rafdb": str(tmp_path / "nope"), "sfew": str(tmp_path)}}
     with pytest.raises(FerError, match="EmoLabel/list_patition_label.txt"):
-        source_path(params, "rafdb")
-    assert source_path(params, "sfew") == tmp_path
+        source_path(str(tmp_path / "nope"), "rafdb")
+    assert source_path(str(tmp_path), "sfew") == tmp_path
 
 
 def test_schema_covers_train_config():
