@@ -4,6 +4,8 @@ import pytest
 from pipeline.cluster import concurrency, worker_resources
 from pipeline.errors import FerError
 
+from conftest import stop_process_group
+
 
 def test_concurrency_from_resources():
     # 2 CPUs, one left to Ray, 0.5 CPU per run -> 2 runs
@@ -42,7 +44,6 @@ def test_private_instance_unless_ray_address(tmp_path):
     """A cluster left by `ray start --head` on this machine (its address file in Ray's temp
     folder) is joined only when RAY_ADDRESS names it; otherwise a private local instance."""
     import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -80,12 +81,7 @@ def test_private_instance_unless_ray_address(tmp_path):
         assert f"joined the Ray cluster at 127.0.0.1:{port}" in joined.stdout
         assert "CPUS 1.0" in joined.stdout  # the head's one CPU, not this machine's
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
+        stop_process_group(head)
         # what `ray stop` would do: forget the head's address, if it is still ours
         from pathlib import Path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from pipeline.data.classes import CLASSES
 from pipeline.data.synthetic import render
 
+from conftest import stop_process_group
 from test_evaluate import make_assets
 
 NAME = "lip-vgg16-served"
@@ -77,12 +77,7 @@ def served(tmp_path_factory):
             time.sleep(1)
         yield f"http://127.0.0.1:{port}/invocations", assets
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
         log.close()
 
 
