@@ -180,6 +180,23 @@ def cleanup_stale(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing(out: Path):
+    """Yield a fresh folder beside ``out`` to write the new output into; when the block ends it
+    replaces ``out`` whole, and when it raises (or the process is killed) ``out`` is untouched
+    and the folder is removed (here, or by the next run's :func:`cleanup_stale`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        os.chmod(tmp, umask_mode())
+        yield tmp
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the finished folder ``tmp`` (two renames; the previous ``out`` is kept
     aside until the new one is in place)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data import _validate
-from pipeline.data._util import (Progress, check_replaceable, cleanup_stale, default_workers,
-                                 output_lock, process_pool, swap_into_place, umask_mode,
+from pipeline.data._util import (Progress, check_replaceable, default_workers, output_lock,
+                                 process_pool, replacing, umask_mode,
                                  write_marker)
 from pipeline.data.layouts import Record, Scan, read_layout, shown
 from pipeline.errors import FerError
@@ -159,11 +158,7 @@ def _write_split(path: Path, rows: list[tuple[Record, dict]], root: Path, class_
 
 
 def _write_all(out: Path, good, src: Path, names, schema, progress: bool, changed: list) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cleanup_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        os.chmod(tmp, umask_mode())
+    with replacing(out) as tmp:
         bar = Progress(sum(map(len, good.values())), "ingest: writing", enabled=progress)
         try:
             for s in SPLITS:
@@ -172,10 +167,6 @@ def _write_all(out: Path, good, src: Path, names, schema, progress: bool, change
         finally:
             bar.close()
         write_marker(tmp, "fer ingest")  # pyarrow.dataset skips dot-files: not read as data
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, obj) -> None:

@@ -58,17 +58,15 @@ import io
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.data._util import (check_replaceable, cleanup_stale, default_workers, output_lock,
-                                 process_pool, swap_into_place, umask_mode)
+from pipeline.data._util import (check_replaceable, default_workers, output_lock, process_pool,
+                                 replacing)
 from pipeline.data.classes import CLASSES, RAFDB_TRAIN_COUNTS, SFEW_FOLDERS
 from pipeline.errors import FerError
 
@@ -537,17 +535,13 @@ def write_synthetic(out: str | os.PathLike, layout: str = "rafdb", n: int | None
 
 
 def _write(out: Path, layout: str, n: int, seed: int, workers: int | None) -> dict:
-    out.parent.mkdir(parents=True, exist_ok=True)
     items = plan(n, layout, seed)
     jobs = [(i, lab, _relpath(layout, lab, split, k)) for i, (lab, split, k) in enumerate(items)]
     counts: dict[str, dict[str, int]] = {"train": {c: 0 for c in CLASSES}, "test": {c: 0 for c in CLASSES}}
     for lab, split, _ in items:
         counts[split][CLASSES[lab]] += 1
 
-    cleanup_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        os.chmod(tmp, umask_mode())
+    with replacing(out) as tmp:
         for d in sorted({os.path.dirname(rel) for _, _, rel in jobs}):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         if layout == "rafdb":
@@ -568,9 +562,5 @@ def _write(out: Path, layout: str, n: int, seed: int, workers: int | None) -> di
                 _write_chunk((str(tmp), layout, seed, c))
         summary = {"layout": layout, "n": n, "seed": seed, "counts": counts}
         (tmp / _MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["path"] = str(out)
     return summary

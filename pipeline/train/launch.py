@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.data._util import (check_replaceable, cleanup_stale, default_workers, swap_into_place,
-                                 umask_mode, write_marker)
+from pipeline.data._util import check_replaceable, default_workers, replacing, write_marker
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
 from pipeline.model import checkpoint
@@ -155,22 +153,13 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
     check_output(out)
     classes = list(CLASSES) if cfg.num_classes == len(CLASSES) else [f"class_{i}" for i in range(cfg.num_classes)]
     history = st["history"]
-    # Written beside OUT and swapped in whole: a killed run leaves the previous model in place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cleanup_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        os.chmod(tmp, umask_mode())
+    with replacing(out) as tmp:  # a killed run leaves the previous model in place
         checkpoint.save_model(tmp / "model.pt", st["best_state"], model_config=st["model_config"],
                               classes=classes, image_size=st["image_size"], crop=cfg.crop,
                               epoch=st["best_epoch"], val_accuracy=st["best_val_accuracy"],
                               train_config=cfg.to_dict())
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         write_marker(tmp, "training")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ips = [h["images_per_s"] for h in history]
     summary = {
         "best_val_accuracy": st["best_val_accuracy"], "best_epoch": st["best_epoch"],
