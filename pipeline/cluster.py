@@ -26,10 +26,7 @@ def ensure_ray(num_cpus: float = 0) -> bool:
 
     if ray.is_initialized():
         return False
-    from pipeline.tracking import tracking_uri
-
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(),
-           "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    env = job_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     quiet = {"logging_level": logging.getLevelName(LOG_LEVEL), "log_to_driver": True}
     if address:
@@ -43,6 +40,14 @@ def ensure_ray(num_cpus: float = 0) -> bool:
     print(f"ray: {where}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
           f"its logs: {_logs_dir()}", flush=True)
     return True
+
+
+def job_env() -> dict[str, str]:
+    """What every Ray worker and Tune trial needs from the driver's environment: its MLflow store."""
+    from pipeline.tracking import tracking_uri
+
+    return {"MLFLOW_TRACKING_URI": tracking_uri(),
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
 
 
 def _logs_dir() -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cluster import concurrency, ensure_ray, worker_resources
+from pipeline.cluster import concurrency, ensure_ray, job_env, worker_resources
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.train import pg_release
@@ -267,8 +267,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
             "use_gpu": res["use_gpu"], "cpus_per_worker": res["cpus_per_worker"],
             "pg_workaround": pg_release.needed(),
             "git_commit": tracking.git_commit(root),
-            "env": {"MLFLOW_TRACKING_URI": tracking.tracking_uri(),
-                    "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")},
+            "env": job_env(),
         }
         release = [pg_release.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
         restoring = resume and tune.Tuner.can_restore(experiment_path)
