@@ -42,7 +42,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 #: The outputs dvc.yaml declares ``cache: false``: committed to git beside dvc.lock.
 GIT_TRACKED_OUTPUTS = {f"reports/ingest_{d}.json" for d in ("rafdb", "sfew")} | {
-    "reports/imagenet_init.json", "reports/history_rafdb.json", "reports/history_sfew.json"} | {
+    "reports/imagenet_init.json", "reports/history_rafdb.json", "reports/history_sfew.json",
+    "reports/curves_rafdb.png", "reports/curves_sfew.png"} | {
     f"{p}_{d}.{e}" for d in ("rafdb", "sfew")
     for p, e in (("metrics/eval", "json"), ("plots/confusion", "csv"), ("plots/confusion", "png"))}
 

@@ -145,6 +145,12 @@ def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None =
                          run_name=cfg.resolved_run_name, storage=_storage(cfg))
 
 
+# Per-epoch fields that describe this session, not the model: wall-clock speed and where a resumed
+# run restarted. They go to MLflow and the summary; ``history.json`` (a DVC output) keeps only what
+# the data, params and code determine, so a rerun on the same machine writes the same bytes.
+SESSION_FIELDS = ("images_per_s", "epoch_time_s", "session_start_epoch")
+
+
 def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name: str,
                   storage: str) -> dict[str, Any]:
     from pipeline.data.classes import CLASSES
@@ -158,7 +164,8 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
                               classes=classes, image_size=st["image_size"], crop=cfg.crop,
                               epoch=st["best_epoch"], val_accuracy=st["best_val_accuracy"],
                               train_config=cfg.to_dict())
-        (tmp / "history.json").write_text(json.dumps(history, indent=1))
+        (tmp / "history.json").write_text(json.dumps(
+            [{k: v for k, v in h.items() if k not in SESSION_FIELDS} for h in history], indent=1))
         write_marker(tmp, "training")
     ips = [h["images_per_s"] for h in history]
     summary = {
@@ -167,6 +174,7 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
         "images_per_s": sum(ips) / len(ips) if ips else 0.0,
         "checkpoint": checkpoint_path, "run_name": run_name, "storage_path": storage,
         "model_path": str(out / "model.pt"), "history_path": str(out / "history.json"),
+        "run_history": history,  # with SESSION_FIELDS
     }
     print(f"best val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} "
           f"({summary['epochs_run']} epochs, {summary['images_per_s']:.1f} img/s) -> {out / 'model.pt'}",
