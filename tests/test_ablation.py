@@ -15,26 +15,13 @@ import yaml
 
 from pipeline import ablation as A
 from pipeline.errors import FerError
+from tiny_project import NETWORK_AND_RAY, make_project
 
 PARAMS = textwrap.dedent("""\
     datasets:
       rafdb: raw/rafdb
       sfew: raw/sfew
-    model:
-      pool: lip
-      head: conv
-      attention: eca
-      width: 0.0625
-      lip_bottleneck: 0.25
-      dropout: 0.3
-    imagenet_init:
-      source: none
-    ray:
-      num_workers: 1
-      use_gpu: false
-      cpus_per_worker: 0.5
-      storage_path: ray_results
-      max_failures: 0
+    """) + NETWORK_AND_RAY + textwrap.dedent("""\
     train_rafdb:
       image_size: 56
       crop: 48
@@ -142,20 +129,7 @@ def test_cli_arguments_and_errors(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- slow: every row
 @pytest.fixture
 def ablation_repo(tmp_path, monkeypatch):
-    from pipeline.data.ingest import ingest
-    from pipeline.data.synthetic import write_synthetic
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for layout, n, seed in (("rafdb", 300, 0), ("sfew", 200, 1)):
-        write_synthetic(tmp_path / "raw" / layout, layout=layout, n=n, seed=seed)
-        ingest(tmp_path / "raw" / layout, tmp_path / "data" / "parquet" / layout,
-               report_path=tmp_path / "reports" / f"ingest_{layout}.json", progress=False)
-    (tmp_path / "params.yaml").write_text(PARAMS)
-    yield tmp_path
+    yield make_project(tmp_path, monkeypatch, PARAMS, {"rafdb": (300, 0), "sfew": (200, 1)})
 
 
 @pytest.mark.slow

@@ -17,26 +17,13 @@ from pipeline.errors import FerError
 from pipeline.cluster import ensure_ray
 from pipeline.train import sweep_settings as S
 from pipeline.train import tune as T
+from tiny_project import NETWORK_AND_RAY, make_project
 
 PARAMS = textwrap.dedent("""\
     # tiny params for the sweep test
     datasets:
       rafdb: raw/rafdb
-    model:
-      pool: lip                # lip | max
-      head: conv
-      attention: eca
-      width: 0.0625
-      lip_bottleneck: 0.25     # LIP logit bottleneck
-      dropout: 0.3
-    imagenet_init:
-      source: none
-    ray:
-      num_workers: 1
-      use_gpu: false
-      cpus_per_worker: 0.5
-      storage_path: ray_results
-      max_failures: 0
+    """) + NETWORK_AND_RAY + textwrap.dedent("""\
     train_rafdb:
       image_size: 56
       crop: 48
@@ -196,19 +183,7 @@ def test_run_sweep_user_errors(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- slow: a real sweep
 @pytest.fixture
 def sweep_repo(tmp_path, monkeypatch):
-    from pipeline.data.ingest import ingest
-    from pipeline.data.synthetic import write_synthetic
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    write_synthetic(tmp_path / "raw" / "rafdb", layout="rafdb", n=300, seed=0)
-    ingest(tmp_path / "raw" / "rafdb", tmp_path / "data" / "parquet" / "rafdb",
-           report_path=tmp_path / "reports" / "ingest_rafdb.json", progress=False)
-    (tmp_path / "params.yaml").write_text(PARAMS)
-    yield tmp_path
+    yield make_project(tmp_path, monkeypatch, PARAMS, {"rafdb": (300, 0)})
 
 
 def _trial_runs(client, experiment: str) -> list:
