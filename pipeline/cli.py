@@ -27,6 +27,17 @@ def _ingest(a: argparse.Namespace) -> None:
           + ", ".join(f"{k}={v}" for k, v in report["counts"].items()))
 
 
+def _ingest_imagenet(a: argparse.Namespace) -> None:
+    from pipeline.data.imagenet import ingest_imagenet
+
+    report = ingest_imagenet(a.src, a.out, report_path=a.report, shard_mb=a.shard_mb,
+                             limit_per_class=a.limit_per_class, max_classes=a.max_classes,
+                             seed=a.seed, max_bad_fraction=a.max_bad_fraction, workers=a.workers)
+    shards = sum(len(v) for v in report["shards"].values())
+    print(f"ingested imagenet ({report['layout']}, {len(report['classes'])} classes): "
+          + ", ".join(f"{k}={v}" for k, v in report["counts"].items() if v) + f" in {shards} shards")
+
+
 def _model_summary(a: argparse.Namespace) -> None:
     from pipeline.model.summary import summary_table
 
@@ -65,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bad-fraction", type=float, default=0.05)
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("ingest-imagenet", help="ILSVRC-2012 (or any ImageFolder) -> sharded parquet "
+                                               "for imagenet_init's adapt/pretrain, written as it goes")
+    s.add_argument("src", help="train/<wnid>/ and val/ (flat + LOC_val_solution.csv, or val/<wnid>/)")
+    s.add_argument("out")
+    s.add_argument("--report", default=None, help="report JSON path (default reports/ingest_imagenet.json)")
+    s.add_argument("--shard-mb", type=float, default=256.0, help="approximate size of each parquet shard")
+    s.add_argument("--limit-per-class", type=int, default=None,
+                   help="at most this many images per class and split (e.g. 50: a smoke test)")
+    s.add_argument("--max-classes", type=int, default=None,
+                   help="only the first N classes in wnid order (e.g. 100: ImageNet-100)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the training rows' order")
+    s.add_argument("--max-bad-fraction", type=float, default=0.05)
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=_ingest_imagenet)
 
     from pipeline.infer.cli import add_predict_arguments
 

@@ -96,6 +96,24 @@ class Training(_Section):
 
 class ImagenetInit(_Section):
     source: str = _key('must be "none", "torchvision" or the path of a vgg16_bn .pth', min_length=1)
+    # the training modes (pipeline.train.imagenet; its DEFAULTS fill in what is left out)
+    mode: Literal["map", "adapt", "pretrain"] = _opt()
+    data: Optional[str] = _opt("must be null or the parquet folder `fer ingest-imagenet` wrote",
+                               min_length=1)
+    epochs: int = _opt("must be an integer >= 1", ge=1)
+    finetune_epochs: int = _opt("must be an integer >= 0 (0: no full-network phase)", ge=0)
+    lr: float = _opt("must be a number > 0", gt=0)
+    finetune_lr: float = _opt("must be a number > 0", gt=0)
+    batch_size: int = _opt("must be an integer >= 2", ge=2)
+    crop: int = _opt("must be an integer in 48..224", ge=48, le=224)
+    min_scale: float = _opt("must be a number in (0, 1]", gt=0, le=1)
+    optimizer: Literal[OPTIMIZERS] = _opt()
+    momentum: float = _opt("must be a number in [0, 1)", ge=0, lt=1)
+    weight_decay: float = _opt("must be a number >= 0", ge=0)
+    warmup_epochs: float = _opt("must be a number >= 0", ge=0)
+    label_smoothing: float = _opt("must be a number in [0, 1)", ge=0, lt=1)
+    shuffle_buffer: int = _opt("must be an integer >= 0 (rows each worker shuffles locally)", ge=0)
+    seed: Optional[int] = _opt("must be null (train_rafdb.seed) or an integer")
 
 
 class Evaluate(_Section):

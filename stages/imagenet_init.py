@@ -1,4 +1,9 @@
-"""DVC stage imagenet_init: LIP-VGG16 with ImageNet vgg16_bn weights mapped in (or random: 'none')."""
+"""DVC stage imagenet_init: the init weights of LIP-VGG16, per ``imagenet_init.mode``:
+
+* ``map`` (default): torchvision's ImageNet vgg16_bn weights mapped in (or random: source none);
+* ``adapt`` / ``pretrain``: trained on the ImageNet parquet (``imagenet_init.data``) streamed with
+  Ray Data (pipeline.train.imagenet).
+"""
 from __future__ import annotations
 
 import json
@@ -13,7 +18,13 @@ from stages import run_stage, stage_args
 def main() -> None:
     out, report = map(Path, stage_args("OUT", "REPORT"))
     params = load_params()
-    source = str(section(params, "imagenet_init")["source"])
+    opts = section(params, "imagenet_init")
+    if opts.get("mode", "map") != "map":
+        from pipeline.train.imagenet import run_imagenet_init
+
+        run_imagenet_init(out, report, params)
+        return
+    source = str(opts["source"])
     model_config = {"num_classes": len(CLASSES), **section(params, "model")}
     # the parts ImageNet does not cover start from train_rafdb's seed (declared in dvc.yaml)
     info = write_imagenet_init(out, model_config, source, seed=section(params, "train_rafdb").get("seed", 0))

@@ -170,9 +170,15 @@ def write_imagenet_init(out, model_config: dict, source: str, *, seed: int = 0) 
     torch.manual_seed(seed)
     model = lip_vgg16(**model_config)
     info = initialise(model, source)
-    _atomic_save({"state_dict": model.state_dict(), "model_config": model.config,
-                  "classes": list(CLASSES), "init": info}, Path(out))
+    save_init(out, model.state_dict(), model.config, CLASSES, info)
     return info
+
+
+def save_init(out, state_dict: dict, model_config: dict, classes, init: dict) -> Path:
+    """An init checkpoint (what :func:`load_init` reads): the ``map`` mapping's, or the network
+    the ImageNet training (``adapt``/``pretrain``) left, with its own classes."""
+    return _atomic_save({"state_dict": state_dict, "model_config": dict(model_config),
+                         "classes": list(classes), "init": init}, Path(out))
 
 
 # --------------------------------------------------------------------------- training state

@@ -69,11 +69,13 @@ def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None) -> None:
 
 
 def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
-        extra_loop_config: dict[str, Any] | None = None):
+        extra_loop_config: dict[str, Any] | None = None, train_loop=None, datasets=None):
     """Build this run's ``TorchTrainer`` and fit it; returns Ray's ``Result``. The one place a
     trainer is built: the training stages, every Tune trial (``callbacks=[TuneReportCallback()]``)
     and every ablation row come here. ``extra_loop_config`` is merged into the worker config
-    (test hooks such as ``_fail_at_epoch``)."""
+    (test hooks such as ``_fail_at_epoch``). ``train_loop`` replaces the face-set loop and
+    ``datasets`` (Ray Datasets by name, or a function returning them, called once Ray is up)
+    are streamed to the workers (``ray.train.get_dataset_shard``): ImageNet-init's training."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from pipeline import LOG_LEVEL
@@ -106,8 +108,11 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     if pg_file is None and pg_release.needed():
         fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
         os.close(fd)
+    if callable(datasets):
+        datasets = datasets()
     trainer = pg_release.trainer_class(pg_file or own_pg_file)(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
+        **({"datasets": datasets} if datasets is not None else {}),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res["use_gpu"],
                                      resources_per_worker={"CPU": res["cpus_per_worker"],

@@ -1,0 +1,328 @@
+"""ImageNet-init training (stage imagenet_init, modes ``adapt`` and ``pretrain``), streamed with Ray Data.
+
+ImageNet does not fit in a worker's memory, so unlike the face stages nothing is loaded up front:
+:func:`pipeline.data.imagenet.streaming_datasets` reads the parquet shards and decodes and crops
+them in Ray Data tasks; Ray Train splits each dataset across the workers
+(``streaming_split(equal=True)``: every worker gets the same number of rows, so DDP steps match),
+and each worker pulls batches with ``iter_torch_batches``. A worker holds a few batches, never
+the set.
+
+Modes:
+
+* ``adapt``: start from the ImageNet ``vgg16_bn`` mapping (``source``), freeze every tensor the
+  mapping copied (the VGG convs and their BatchNorm, whose running statistics stay as well) and
+  train the parts VGG16-BN does not have (LIP logits, conv head, ECA, classifier); then, when
+  ``finetune_epochs`` > 0, a second run trains everything at ``finetune_lr``. Two Ray Train runs,
+  because DDP registers the trainable parameters once.
+* ``pretrain``: the whole LIP-VGG16 from its seeded random init.
+
+Each phase is one :func:`pipeline.train.launch.fit` (the one TorchTrainer), checkpointed every
+epoch: a rerun with the same settings resumes after the last finished epoch (a finished phase is
+not run again). The output is an init checkpoint like ``map``'s, with the ImageNet classifier;
+RAF-DB training re-initialises it because the class count differs (``checkpoint.load_init``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import FerError
+
+MODES = ("map", "adapt", "pretrain")
+#: imagenet_init keys with their defaults when params.yaml leaves them out.
+DEFAULTS: dict[str, Any] = {
+    "mode": "map", "data": None, "epochs": 5, "finetune_epochs": 0, "lr": 0.01,
+    "finetune_lr": 0.001, "batch_size": 256, "crop": 224, "min_scale": 0.08, "optimizer": "sgd",
+    "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 1, "label_smoothing": 0.1,
+    "shuffle_buffer": 1024, "seed": None,
+}
+_SECTION_ONLY = ("source", "mode", "data", "finetune_epochs", "finetune_lr", "min_scale",
+                 "shuffle_buffer")
+
+
+def frozen_names(model: nn.Module) -> list[str]:
+    """The parameters ``adapt`` freezes: what the vgg16_bn mapping copies (every conv and BN of
+    ``features`` except the LIP logits; for head "fc" also VGG's two hidden FC layers)."""
+    names = [k for k, _ in model.named_parameters() if k.startswith("features.") and ".logit." not in k]
+    if model.config["head"] == "fc":
+        names += [k for k, _ in model.named_parameters()
+                  if k.startswith("classifier.") and not k.startswith(model.classifier_prefix)]
+    return names
+
+
+def _freeze(model: nn.Module) -> list[nn.Module]:
+    """Freeze :func:`frozen_names`; returns the BatchNorm modules whose statistics must stay."""
+    frozen = set(frozen_names(model))
+    for k, p in model.named_parameters():
+        if k in frozen:
+            p.requires_grad_(False)
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and f"{name}.weight" in frozen]
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB."""
+    with open("/proc/self/statm") as fh:
+        cur = int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- the worker loop
+def imagenet_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from pipeline.data.loader import normalize
+    from pipeline.model import checkpoint, lip_vgg16
+    from pipeline.train.worker import (CONFIG_FILE, _all_reduce, _cpu_state, _maybe_fail, _rng_state,
+                                       _say, _set_rng_state, _sync_buffers, _unwrap, lr_lambda,
+                                       make_optimizer, train_step)
+
+    cfg = config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    seed = int(cfg["seed"])
+    local_bs = cfg["batch_size"] // world
+    steps = int(cfg["steps_per_epoch"])
+
+    torch.manual_seed(seed)
+    model = lip_vgg16(**cfg["model_config"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg["init"] != "none":
+        checkpoint.load_init(model, cfg["init"])
+    frozen_bn = _freeze(model) if cfg["freeze"] else []
+    model = ray.train.torch.prepare_model(model)
+    raw = _unwrap(model)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+
+    start, history = 1, []
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = checkpoint.read_state(d)
+            rng_file = Path(d) / f"rng_rank{rank}.pt"
+            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+        raw.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        start, history = st["epoch"] + 1, st["history"]
+        if rng is not None:
+            _set_rng_state(rng)
+        if rank == 0:
+            _say(f"resumed from checkpoint after epoch {st['epoch']}")
+    else:
+        torch.manual_seed(seed * 1000 + rank)
+
+    on_epoch = None
+    if rank == 0 and cfg.get("mlflow_run_id"):
+        import os
+
+        if cfg.get("mlflow_tracking_uri"):
+            os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
+        from pipeline.tracking import log_epoch
+
+        on_epoch = lambda m, e: log_epoch(  # noqa: E731
+            cfg["mlflow_run_id"], {f"{cfg['phase']}_{k}": v for k, v in m.items()}, e)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start, cfg["epochs"] + 1):
+        _maybe_fail(cfg, epoch, rank)
+        model.train()
+        for m in frozen_bn:
+            m.eval()  # frozen BN keeps ImageNet's running statistics too
+        rss_before, _ = _rss_mb()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen, done = 0.0, 0, 0, 0
+        for batch in train_shard.iter_torch_batches(
+                batch_size=local_bs, drop_last=True, local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                dtypes={"image": torch.uint8, "label": torch.int64}, device=device):
+            x = normalize(batch["image"].permute(0, 3, 1, 2))
+            y = batch["label"]
+            lr = optimizer.param_groups[0]["lr"]
+            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler)
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            done += 1
+        if done != steps:  # equal splits and drop_last make this exact; say so if not
+            _say(f"warning: rank {rank} ran {done} steps, expected {steps}")
+        loss_sum, correct_g, seen_g = _all_reduce([loss_sum, correct, seen], device=device)
+        train_time = time.perf_counter() - t0
+        _sync_buffers(raw)
+        raw.eval()
+        top1 = top5 = n_val = 0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8,
+                                                                              "label": torch.int64},
+                                                      device=device):
+                logits = raw(normalize(batch["image"].permute(0, 3, 1, 2)))
+                y = batch["label"]
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                top1 += int((top[:, 0] == y).sum())
+                top5 += int((top == y[:, None]).any(1).sum())
+                n_val += len(y)
+        top1, top5, n_val = _all_reduce([top1, top5, n_val], device=device)
+        rss_now, rss_peak = _rss_mb()
+        rss_growth = max(0.0, rss_peak - rss_before) if epoch == start else rss_now - rss_before
+        peak, growth = _all_reduce([rss_peak, rss_growth], op=dist.ReduceOp.MAX, device=device)
+        metrics = {
+            "epoch": epoch, "train_loss": loss_sum / max(seen_g, 1), "train_accuracy": correct_g / max(seen_g, 1),
+            "top1": top1 / max(n_val, 1), "top5": top5 / max(n_val, 1), "n_val": int(n_val),
+            "n_train_seen": int(seen_g), "lr": lr, "images_per_s": seen_g / train_time,
+            "worker_rss_peak_mb": peak, "worker_rss_growth_mb": growth,
+        }
+        history.append(metrics)
+        if rank == 0:
+            _say(f"{cfg['phase']} epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+                 f"acc {metrics['train_accuracy']:.3f}  top1 {metrics['top1']:.3f}  top5 "
+                 f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
+                 f"{peak:.0f} MB")
+            if on_epoch is not None:
+                try:
+                    on_epoch(metrics, epoch)
+                except Exception as e:  # tracking must never kill training
+                    _say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                checkpoint.save_state(d, {
+                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                    "model_config": dict(cfg["model_config"]),
+                })
+                (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+# ---------------------------------------------------------------------------- the driver
+def settings(section: dict) -> dict:
+    """The imagenet_init section with its defaults filled in, checked (FerError on a bad value)."""
+    s = {**DEFAULTS, **section}
+    if s["mode"] not in MODES:
+        raise FerError(f"imagenet_init.mode = {s['mode']!r} must be one of {list(MODES)}")
+    if s["mode"] != "map" and not s["data"]:
+        raise FerError(f"imagenet_init.mode = {s['mode']}: set imagenet_init.data to the parquet "
+                       "folder `fer ingest-imagenet` wrote")
+    if s["mode"] == "adapt" and s["source"] == "none":
+        raise FerError("imagenet_init.mode = adapt trains the parts vgg16_bn lacks around its weights: "
+                       "set imagenet_init.source to torchvision or a vgg16_bn .pth (or use pretrain)")
+    return s
+
+
+def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_config=None) -> dict:
+    """Train per ``imagenet_init.mode`` (adapt | pretrain) on the streamed ImageNet parquet and
+    write the init checkpoint ``out`` and the report (top-1/top-5 on val); returns the report."""
+    from pipeline import tracking
+    from pipeline.config import section
+    from pipeline.data.imagenet import dataset_info, streaming_datasets
+    from pipeline.model import checkpoint
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.launch import _storage, fit, latest_checkpoint_dir
+
+    s = settings(section(params, "imagenet_init"))
+    data = str(Path(s["data"]))
+    info = dataset_info(data)
+    classes = info["classes"]
+    seed = s["seed"] if s["seed"] is not None else section(params, "train_rafdb").get("seed", 0)
+    common = {**section(params, "model"), **section(params, "ray"),
+              **{k: v for k, v in s.items() if k not in _SECTION_ONLY and k not in ("epochs", "lr", "seed")},
+              "seed": seed, "num_classes": len(classes), "data": data}
+    probe = TrainConfig.from_dict({**common, "epochs": max(1, s["epochs"]), "lr": s["lr"]})
+    local_bs = probe.batch_size // probe.num_workers
+    steps = info["rows"]["train"] // probe.num_workers // local_bs
+    if steps < 1:
+        raise FerError(f"{info['rows']['train']} training images give no full batch of {local_bs} per "
+                       f"worker: lower imagenet_init.batch_size or ray.num_workers")
+    phases = ([("adapt", s["epochs"], s["lr"], True)] if s["mode"] == "adapt" else
+              [("pretrain", s["epochs"], s["lr"], False)])
+    if s["mode"] == "adapt" and s["finetune_epochs"]:
+        phases.append(("finetune", s["finetune_epochs"], s["finetune_lr"], False))
+    # the run names hash the settings, the data and the code: a rerun resumes, a change restarts
+    h = hashlib.sha256(json.dumps({**common, **s, "seed": seed, "data": info["fingerprint"]},
+                                  sort_keys=True, default=str).encode())
+    code = Path(__file__).resolve().parents[1]
+    for f in sorted([*code.glob("train/*.py"), *code.glob("model/*.py"), code / "data/imagenet.py"]):
+        h.update(f.read_bytes())
+    digest = h.hexdigest()[:10]
+    storage = _storage(probe)
+    model_config = probe.model_config()
+    experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
+
+    init = "none"
+    if s["mode"] == "adapt":
+        init_path = Path(storage) / f"imagenet_init-{digest}-vgg16bn.pt"
+        checkpoint.write_imagenet_init(init_path, model_config, str(s["source"]), seed=seed)
+        init = str(init_path)
+    final: dict = {}
+    t0 = time.perf_counter()
+    with tracking.tracked_run(experiment, f"imagenet_init-{s['mode']}-{digest}", stage="imagenet_init",
+                              dataset="imagenet", params={**s, "seed": seed, **info["rows"],
+                                                          "classes": len(classes)}) as run_id:
+        for phase, epochs, lr, freeze in phases:
+            cfg = TrainConfig.from_dict({**common, "epochs": epochs, "lr": lr, "init": init,
+                                         "run_name": f"imagenet_init-{digest}-{phase}",
+                                         "output": str(out.parent / f".{out.name}.{phase}"),
+                                         "mlflow_run_id": run_id})
+            st = _finished(latest_checkpoint_dir(storage, cfg.resolved_run_name), epochs)
+            if st is None:
+                result = fit(cfg, train_loop=imagenet_loop_per_worker,
+                             datasets=lambda: streaming_datasets(data, crop=cfg.crop, min_scale=s["min_scale"],
+                                                                 seed=seed),
+                             extra_loop_config={"freeze": freeze, "steps_per_epoch": steps, "phase": phase,
+                                                "shuffle_buffer": s["shuffle_buffer"], **(extra_loop_config or {})})
+                if result.checkpoint is None:
+                    raise FerError(f"ImageNet run {cfg.resolved_run_name!r} reported no checkpoint")
+                with result.checkpoint.as_directory() as d:
+                    st = checkpoint.read_state(d)
+            else:
+                print(f"imagenet_init: phase {phase} already finished in {storage}/{cfg.resolved_run_name}")
+            final[phase] = {k: st["history"][-1][k] for k in ("top1", "top5", "train_accuracy", "images_per_s",
+                                                               "worker_rss_peak_mb", "worker_rss_growth_mb")}
+            final[phase]["epochs"] = epochs
+            phase_init = Path(storage) / f"imagenet_init-{digest}-{phase}.pt"
+            checkpoint.save_init(phase_init, st["model"], model_config, classes, {"phase": phase})
+            init = str(phase_init)  # the next phase starts here
+            state = st["model"]
+        last = final[phases[-1][0]]
+        report = {"mode": s["mode"], "source": str(s["source"]), "pretrained": 1,
+                  "top1": last["top1"], "top5": last["top5"], "classes": len(classes),
+                  "n_train": info["rows"]["train"], "n_val": info["rows"]["val"],
+                  "data_fingerprint": info["fingerprint"], "phases": final,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        checkpoint.save_init(out, state, model_config, classes,
+                             {k: report[k] for k in ("mode", "source", "top1", "top5", "classes",
+                                                      "data_fingerprint")})
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        tracking.log_metrics(run_id, {"top1": report["top1"], "top5": report["top5"]})
+        tracking.log_artifacts(run_id, [report_path])
+    print(f"imagenet_init ({s['mode']}): top-1 {report['top1']:.3f}, top-5 {report['top5']:.3f} on "
+          f"{info['rows']['val']} val images -> {out}")
+    return report
+
+
+def _finished(ckpt_dir: Path | None, epochs: int) -> dict | None:
+    """The training state of a phase whose last checkpoint is its final epoch, else None."""
+    from pipeline.model import checkpoint
+
+    if ckpt_dir is None:
+        return None
+    st = checkpoint.read_state(ckpt_dir)
+    return st if st.get("epoch") == epochs and "top1" in (st.get("history") or [{}])[-1] else None
