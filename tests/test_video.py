@@ -99,3 +99,35 @@ def test_video_errors(tmp_path, assets):
         predict_command(_args(str(bad), "--every", "0"))
     with pytest.raises(FerError, match="--camera"):
         predict_command(_args(str(bad), "--camera", "0"))
+
+
+def test_camera_path_on_a_video_file(clip, assets, capsys):
+    """`--camera SOURCE` runs the live-camera code (no frame count, Ctrl-C stops) on any capture
+    source: here the real MP4, so the camera path is exercised without a camera."""
+    predict_command(_args("--camera", str(clip), "--model", str(assets["checkpoint"]),
+                          "--device", "cpu", "--every", "4", "--align", "none"))
+    cap = capsys.readouterr()
+    rows = [json.loads(line) for line in cap.out.splitlines()]
+    assert sorted({r["frame"] for r in rows}) == [0, 4, 8]
+    assert all(r["label"] in CLASSES for r in rows if r["face"] is not None)
+    assert f"camera {clip}: {FRAMES} frames, 3 analysed" in cap.err
+
+
+def test_no_camera_is_one_line(tmp_path, assets):
+    """A camera index with no device: one line naming it, before the model is loaded."""
+    import sys
+
+    from pipeline.infer.video import camera_source, open_capture
+
+    if sys.platform.startswith("linux"):
+        import os
+
+        index = next(i for i in range(10, 64) if not os.path.exists(f"/dev/video{i}"))
+        with pytest.raises(FerError, match=f"camera {index}: no such camera") as e:
+            predict_command(_args("--camera", str(index), "--model", str(tmp_path / "never-loaded.pt")))
+        assert "\n" not in str(e.value)
+    with pytest.raises(FerError, match="no such file or device"):
+        open_capture(str(tmp_path / "absent.mp4"), live=True)
+    with pytest.raises(FerError, match="--camera"):
+        camera_source("-1")
+    assert camera_source("2") == 2 and camera_source(str(tmp_path)) == str(tmp_path)

@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 from pipeline.errors import FerError
-
-#: Tried in order when --model is not given.
-DEFAULT_MODELS = ("models/rafdb/model.pt", "models:/lip-vgg16-rafdb@champion")
+from pipeline.infer.photo import (  # noqa: F401 - read_photo: re-exported
+    DEFAULT_MODELS, load_predictor, predict_image, read_photo)
 
 
 #: File name endings read as videos (through OpenCV's VideoCapture); anything else is a photo.
@@ -27,8 +26,10 @@ def is_video(path: str) -> bool:
 def add_predict_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="*", metavar="PHOTO",
                    help="image files (JPEG, PNG, ...) or videos (" + ", ".join(VIDEO_SUFFIXES[:6]) + ", ...)")
-    p.add_argument("--camera", type=int, default=None, metavar="N",
-                   help="read camera N (OpenCV device index) instead of files, as a video; Ctrl-C stops")
+    p.add_argument("--camera", default=None, metavar="N|SOURCE",
+                   help="read camera N (OpenCV device index, /dev/videoN on Linux) instead of files, "
+                        "as a live video; Ctrl-C stops. A device path, stream URL or video file "
+                        "is read the same way")
     p.add_argument("--model", default=None,
                    help="a model.pt checkpoint, an exported model.onnx (run by onnxruntime) or a "
                         "registry URI such as models:/lip-vgg16-rafdb@champion "
@@ -53,65 +54,6 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "across analysed frames (0 = off, 0.6 = strong)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return p
-
-
-def load_predictor(model: str | None, device: str | None = None):
-    """A Predictor from a checkpoint path, a logged-model folder or a ``models:/`` / ``runs:/`` /
-    ``file://`` / ``s3://`` URI. Never unpickles: see :mod:`pipeline.infer.resolve`. A ``.onnx``
-    file gives an :class:`pipeline.infer.export.OnnxPredictor` (same preprocessing)."""
-    from pipeline.infer.predictor import Predictor
-    from pipeline.infer.resolve import checkpoint_path
-
-    if model is not None and model.lower().endswith(".onnx"):
-        from pipeline.infer.export import OnnxPredictor
-
-        return OnnxPredictor(model)
-    if model is None:
-        model = DEFAULT_MODELS[0] if Path(DEFAULT_MODELS[0]).is_file() else DEFAULT_MODELS[1]
-    if model.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import sqlite_root, tracking_uri
-
-        uri = tracking_uri()
-        if sqlite_root(uri) and not Path(uri[len("sqlite:///"):]).is_file():
-            raise FerError(f"no model at {model}: the MLflow store {uri} does not exist yet "
-                           "(run the pipeline, or pass --model path/to/model.pt)")
-    with checkpoint_path(model) as ckpt:
-        return Predictor(str(ckpt), device=device)
-
-
-def read_photo(path: str):
-    """RGB uint8 HxWx3 array of an image file; FerError with a one-line reason otherwise."""
-    from pipeline.infer.predictor import decode_image
-
-    p = Path(path)
-    if not p.exists():
-        raise FerError(f"{path}: no such file")
-    if not p.is_file():
-        raise FerError(f"{path}: not a file")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise FerError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        return decode_image(data)
-    except FerError as e:
-        raise FerError(f"{path}: {e}") from e
-
-
-def face_records(faces, preds) -> list[dict]:
-    """JSON-ready records of found faces and their predictions."""
-    return [{"box": list(f.box), "detected": f.detected, "aligned": f.aligned,
-             "landmarks": f.landmarks, **p} for f, p in zip(faces, preds)]
-
-
-def predict_image(img, predictor, *, margin: float = 0.2, align: str = "eyes") -> tuple[list, list[dict]]:
-    """Faces of one RGB image and their records (``box``, ``detected``, ``aligned``,
-    ``landmarks``, ``label``, ``probabilities``)."""
-    from pipeline.infer.faces import find_faces
-
-    faces = find_faces(img, margin=margin, align=align, size=predictor.image_size)
-    preds = predictor.predict_faces([f.image for f in faces])
-    return faces, face_records(faces, preds)
 
 
 def predict_photos(paths: list[str], predictor, *, margin: float = 0.2, align: str = "eyes",
@@ -206,6 +148,10 @@ def predict_command(args: argparse.Namespace) -> None:
     every = getattr(args, "every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise FerError(f"--every {every!r}: must be an integer >= 1")
+    if camera is not None:
+        from pipeline.infer.video import camera_source
+
+        camera = camera_source(camera)
     if camera is None and not paths:
         raise FerError("name at least one photo or video (or --camera N)")
     if camera is not None and paths:
@@ -215,15 +161,19 @@ def predict_command(args: argparse.Namespace) -> None:
                        else "none of the photos exists")
     align = getattr(args, "align", "eyes")
     margin = getattr(args, "margin", 0.2)
-    targets = annotate_targets(paths or [f"camera{camera}.mp4"], getattr(args, "annotate", None))
-    predictor = load_predictor(getattr(args, "model", None), getattr(args, "device", None))
+    targets = annotate_targets(paths or ["camera.mp4"], getattr(args, "annotate", None))
     if camera is not None:
-        from pipeline.infer.video import predict_video
+        from pipeline.infer.video import open_capture, predict_video
 
-        predict_video(camera, predictor, every=every, align=align, margin=margin,
+        cap = open_capture(camera, live=True)  # before loading the model: no camera, one line
+        predictor = load_predictor(getattr(args, "model", None), getattr(args, "device", None))
+        predict_video(cap, predictor, every=every, align=align, margin=margin,
                       annotate=next(iter(targets.values()), None),
-                      smooth=getattr(args, "smooth", 0.0))
+                      smooth=getattr(args, "smooth", 0.0), name=f"camera {camera}", live=True)
         return
+    predictor = load_predictor(getattr(args, "model", None), getattr(args, "device", None))
+    from pipeline.infer.video import predict_video
+
     photos = [p for p in paths if not is_video(p)]
     videos = [p for p in paths if is_video(p)]
     failed = []
@@ -235,8 +185,6 @@ def predict_command(args: argparse.Namespace) -> None:
             print(format_text(results))
         failed += [r["error"] for r in results if "error" in r]
     for v in videos:
-        from pipeline.infer.video import predict_video
-
         try:
             predict_video(v, predictor, every=every, align=align, margin=margin,
                           annotate=targets.get(v), smooth=getattr(args, "smooth", 0.0))

@@ -142,7 +142,7 @@ class OnnxPredictor:
 
 def export_command(args) -> None:
     """`fer export --onnx OUT [--model CKPT|URI]`."""
-    from pipeline.infer.cli import load_predictor
+    from pipeline.infer.photo import load_predictor
 
     if not args.onnx:
         raise FerError("say what to export: --onnx model.onnx")

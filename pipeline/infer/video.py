@@ -25,13 +25,49 @@ import numpy as np
 from pipeline.errors import FerError
 
 
-def _open(source):
+def camera_source(value) -> int | str:
+    """What ``--camera`` names: an OpenCV device index (``"0"`` -> 0), else a device path, stream
+    URL or video file, read the same way (a live source: no frame count, Ctrl-C stops)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        source = value
+    else:
+        text = str(value).strip()
+        source = int(text) if text.lstrip("+-").isdigit() else text
+    if isinstance(source, int) and source < 0 or source == "":
+        raise FerError(f"--camera {value!r}: a device index >= 0, a device path or a video")
+    return source
+
+
+def open_capture(source, *, live: bool = False):
+    """An opened ``cv2.VideoCapture`` on a file, a device index or a URL; FerError (one line)
+    otherwise. A camera index with no device (``/dev/videoN`` absent on Linux) is refused before
+    OpenCV is asked, and OpenCV's own warnings are kept off the console while it tries."""
+    import os
+    import sys as _sys
+
     import cv2
 
-    cap = cv2.VideoCapture(source)
+    if isinstance(source, int):
+        what = f"camera {source}"
+        dev = f"/dev/video{source}"
+        if _sys.platform.startswith("linux") and not os.path.exists(dev):
+            raise FerError(f"{what}: no such camera ({dev} does not exist); "
+                           "pass a video file instead, or --camera with another index")
+    else:
+        what = f"camera {source}" if live else str(source)
+        if "://" not in str(source) and not os.path.exists(source):
+            raise FerError(f"{what}: no such file or device")
+    log = cv2.utils.logging
+    level = log.getLogLevel()
+    try:
+        log.setLogLevel(log.LOG_LEVEL_SILENT)  # the one-line error below says it
+        cap = cv2.VideoCapture(source)
+    finally:
+        log.setLogLevel(level)
     if not cap.isOpened():
-        what = f"camera {source}" if isinstance(source, int) else str(source)
-        raise FerError(f"{what}: cannot open it as a video (OpenCV VideoCapture)")
+        cap.release()
+        why = "busy, or no permission" if isinstance(source, int) else "OpenCV VideoCapture"
+        raise FerError(f"{what}: cannot open it as a video ({why})")
     return cap
 
 
@@ -54,23 +90,31 @@ def _smooth(records: list[dict], previous: list[dict], alpha: float) -> None:
 
 
 def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", margin: float = 0.2,
-                  annotate=None, smooth: float = 0.0, out=None, progress: bool = True) -> dict:
-    """Run the predictor on a video file or camera index; write JSON lines to ``out``
-    (stdout by default). Returns ``{"frames", "analysed", "faces", "seconds", "fps"}``."""
+                  annotate=None, smooth: float = 0.0, out=None, progress: bool = True,
+                  live: bool | None = None, name: str | None = None) -> dict:
+    """Run the predictor on a video file, a camera index or an opened ``cv2.VideoCapture``;
+    write JSON lines to ``out`` (stdout by default). ``live`` (default: a camera index) reads
+    until the source ends or Ctrl-C, with no frame count. Returns ``{"frames", "analysed",
+    "faces", "seconds", "fps"}``."""
     import cv2
 
     from pipeline.data._util import Progress
-    from pipeline.infer.cli import predict_image
+    from pipeline.infer.photo import predict_image
 
     if not 0.0 <= smooth < 1.0:
         raise FerError(f"--smooth {smooth}: must be in [0, 1)")
     out = sys.stdout if out is None else out
-    cap = _open(source)
-    name = f"camera {source}" if isinstance(source, int) else str(source)
+    if live is None:
+        live = isinstance(source, int)
+    if hasattr(source, "read") and hasattr(source, "isOpened"):
+        cap, name = source, name or "video"
+    else:
+        cap = open_capture(source, live=live)
+        name = name or (f"camera {source}" if isinstance(source, int) else str(source))
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
     if not np.isfinite(fps) or fps <= 0:
         fps = 30.0
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not isinstance(source, int) else 0
+    total = 0 if live else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     bar = Progress(max(total, 0), f"fer predict {name}", enabled=progress, unit="frames")
     writer = None
     drawn: list[dict] = []
@@ -111,7 +155,7 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
             if total:
                 bar.update()
     except KeyboardInterrupt:
-        if not isinstance(source, int):
+        if not live:
             raise
     finally:
         cap.release()
