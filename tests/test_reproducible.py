@@ -203,3 +203,44 @@ def test_committed_lock_matches_a_fresh_copys_data_stages(tmp_path):
     fresh = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     for name in DATA_STAGES:
         assert fresh[name]["outs"] == lock[name]["outs"], name
+
+
+#: The smallest training that still runs 2 DDP workers through every part of the stage.
+TINY_TRAIN = {"synth": {"rafdb": {"n": 140, "seed": 0}}, "model": {"width": 0.0625},
+              "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0},
+              "train_rafdb": {"image_size": 56, "crop": 48, "epochs": 1, "batch_size": 32}}
+
+
+def _stage_argv(name: str) -> list[str]:
+    argv = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["cmd"])
+    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+
+
+@pytest.mark.slow
+def test_training_stage_same_bytes_in_two_folders(tmp_path):
+    """On one machine, train_rafdb run twice (other folder, time zone, locale, MLflow store) writes
+    the same model.pt, history and curves: nothing of the session (MLflow run id, speed, paths)
+    enters a DVC-tracked output. Across CPUs the float kernels differ: see the README."""
+    from test_dvc_pipeline import _merge
+
+    outs = []
+    for name, tz, lc in (("a", "UTC", "C"), ("deeper/b é", "Pacific/Chatham", "C.UTF-8")):
+        work = tmp_path / name
+        work.mkdir(parents=True)
+        params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_TRAIN)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TZ": tz, "LC_ALL": lc, "LANG": lc,
+               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / (name[-1] + '.db')}"}
+        env.pop("RAY_ADDRESS", None)
+        for cmd in ([sys.executable, "-m", "stages.synth", "rafdb", "data/synthetic/rafdb"],
+                    [sys.executable, "-m", "stages.ingest", "rafdb", "data/synthetic/rafdb",
+                     "data/parquet/rafdb", "reports/ingest_rafdb.json"],
+                    _stage_argv("imagenet_init"), _stage_argv("train_rafdb")):
+            r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        outs.append({**{f"models/{k}": v for k, v in _tree(work / "models").items()},
+                     **{f"reports/{k}": v for k, v in _tree(work / "reports").items()}})
+    assert {"models/rafdb/model.pt", "models/rafdb/history.json", "models/imagenet_init.pt",
+            "reports/history_rafdb.json", "reports/curves_rafdb.png"} <= set(outs[0])
+    differ = sorted(k for k in outs[0] if outs[0][k] != outs[1].get(k))
+    assert not differ and outs[0].keys() == outs[1].keys(), differ

@@ -168,7 +168,8 @@ def write_outputs(cfg: TrainConfig, st: dict, *, checkpoint_path: str, run_name:
         checkpoint.save_model(tmp / "model.pt", st["best_state"], model_config=st["model_config"],
                               classes=classes, image_size=st["image_size"], crop=cfg.crop,
                               epoch=st["best_epoch"], val_accuracy=st["best_val_accuracy"],
-                              train_config=cfg.to_dict())
+                              train_config={k: v for k, v in cfg.to_dict().items()
+                                            if k != "mlflow_run_id"})  # bookkeeping, not the model
         (tmp / "history.json").write_text(json.dumps(
             [{k: v for k, v in h.items() if k not in SESSION_FIELDS} for h in history], indent=1))
         write_marker(tmp, "training")
