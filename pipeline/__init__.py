@@ -22,3 +22,20 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_LOGGING_LEVEL": LOG_LEVEL,
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": str(LOG_LEVEL == "DEBUG").lower()}.items():
     _os.environ.setdefault(_k, _v)
+
+
+def _quiet_ray_train_report_logger() -> None:
+    """Ray Train 2.x names the logger of its per-report line after its file path, not its
+    module, so ``LoggingConfig`` misses it and every worker prints "Reporting training result
+    ..." each epoch. This module is imported in every Ray worker that runs our code; found
+    without importing Ray."""
+    import importlib.util
+    import logging
+
+    spec = importlib.util.find_spec("ray")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = _os.path.join(base, "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(path).setLevel(LOG_LEVEL)
+
+
+_quiet_ray_train_report_logger()

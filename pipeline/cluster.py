@@ -33,6 +33,9 @@ def ensure_ray(num_cpus: float = 0) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
         where = f"joined the Ray cluster at {address}"
     else:
+        # Ray Train's preemption watcher follows nodes being drained on a cluster; on a private
+        # one-machine instance there is none to drain, and it only logs a core_worker error.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=max(default_workers(), math.ceil(num_cpus)),
                  include_dashboard=False, runtime_env={"env_vars": env}, **quiet)
         where = "started a private local Ray instance (set RAY_ADDRESS to join a cluster)"
