@@ -17,3 +17,50 @@ def stop_process_group(proc, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], env: dict, log_path, ready_url: str | None = None,
+                 timeout: float = 180):
+    """Start ``cmd`` in its own process group (output to ``log_path``) and wait until
+    ``ready_url`` answers HTTP 200 (each probe with a 5 s timeout); the Popen, to be ended with
+    :func:`stop_process_group`. A server that exits or does not answer in ``timeout`` seconds
+    is ended and fails the test with its log's tail."""
+    import subprocess
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    if ready_url:
+        wait_ready(proc, ready_url, log_path, timeout)
+    return proc
+
+
+def wait_ready(proc, ready_url: str, log_path, timeout: float = 180) -> None:
+    """Until ``ready_url`` answers HTTP 200 (each probe with a 5 s timeout); a server that exits or
+    does not answer in ``timeout`` seconds is ended and fails the test with its log's tail."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                stop_process_group(proc)
+            raise AssertionError(f"{ready_url} did not answer:\n" + Path(log_path).read_text()[-3000:])
+        time.sleep(0.5)

@@ -109,3 +109,35 @@ def test_bad_payload_is_a_400_and_the_server_stays_up(served, payload, says):
     ok = base64.b64encode(render(3, "rafdb", seed=2, index=1)).decode()
     status, out = _post(url, _frame(ok))
     assert status == 200 and len(out["predictions"]) == 1
+
+
+@pytest.mark.slow
+def test_bench_serve_measures_load(served):
+    """bench/serve.py against the served champion: a bounded load (2 client threads, 20 s) of
+    single-image requests, every one answered; requests/s and p50/p95 latency printed."""
+    url, _ = served
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    r = subprocess.run([sys.executable, str(bench), "--url", url, "--seconds", "20", "--clients", "2",
+                        "--timeout", "30"], capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print("serving bench:", res)
+    assert res["requests"] > 0 and res["errors"] == 0, res
+    assert 0 < res["p50_ms"] <= res["p95_ms"], res
+    assert res["requests_per_s"] == pytest.approx(res["requests"] / res["seconds"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_wrong_payload_is_refused_by_the_signature(served):
+    """The logged signature (an `image` string column) is enforced by the server itself: a frame
+    without `image` is a 400 naming the missing input (numbers in it, a 400 too); the server
+    stays up."""
+    url, _ = served
+    ok = base64.b64encode(render(3, "rafdb", seed=2, index=1)).decode()
+    for payload, says in [({"dataframe_split": {"columns": ["img"], "data": [[ok]]}}, "missing inputs ['image']"),
+                          ({"dataframe_split": {"columns": ["image"], "data": [[123]]}}, "")]:
+        status, out = _post(url, payload)
+        assert status == 400, out
+        assert says in out.get("message", ""), out
+    status, out = _post(url, _frame(ok))
+    assert status == 200 and len(out["predictions"]) == 1
