@@ -45,12 +45,20 @@ def ensure_ray(num_cpus: float = 0) -> bool:
     return True
 
 
+#: Object-storage settings a worker needs to write checkpoints (``ray.storage_path: s3://...``)
+#: and MLflow artifacts to the same bucket as the driver; passed on when set.
+OBJECT_STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
 def job_env() -> dict[str, str]:
-    """What every Ray worker and Tune trial needs from the driver's environment: its MLflow store."""
+    """What every Ray worker and Tune trial needs from the driver's environment: its MLflow store
+    and, when set, the object-storage credentials and endpoint (:data:`OBJECT_STORE_ENV`)."""
     from pipeline.tracking import tracking_uri
 
     return {"MLFLOW_TRACKING_URI": tracking_uri(),
-            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+            **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k)}}
 
 
 def _logs_dir() -> str:
