@@ -36,26 +36,30 @@ def default_device(device: str | None = None) -> str:
 
 @torch.inference_mode()
 def ten_crop_probabilities(model: torch.nn.Module, images_uint8: torch.Tensor, crop: int,
-                           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                           device: str | torch.device = "cpu", *, amp: bool | str = "auto",
+                           channels_last: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities ``(ten-crop mean [B, C], centre crop [B, C])`` of uint8 images
     ``[B, 3, H, W]`` (already at the model's image size), from one forward pass of all ten crops.
 
     This is the one preprocessing path shared by evaluation, the predictor and the MLflow model.
+    ``amp`` (bf16 autocast) and ``channels_last``: true/false/"auto", resolved as in training
+    (``pipeline.train.config.resolve_amp``), so either path runs on any device.
     """
     from pipeline.data.loader import normalize, ten_crop
+    from pipeline.train.config import resolve_amp, resolve_channels_last
 
     device = torch.device(device)
-    x = images_uint8.to(device, non_blocking=True)
+    x = images_uint8.to(device, non_blocking=device.type == "cuda")
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected uint8 images [B, 3, H, W], got {tuple(x.shape)}")
     b = x.shape[0]
     crops = ten_crop(x, crop)  # [B, 10, 3, c, c]
     flat = normalize(crops.reshape(b * 10, *crops.shape[2:]))
-    if device.type == "cuda":
+    if resolve_channels_last(channels_last, device):
         flat = flat.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(flat)
-    else:
+    # "auto" is a runtime choice: a graph traced for export (ONNX) stays fp32
+    use_amp = resolve_amp(amp, device) and not (amp == "auto" and torch.compiler.is_compiling())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         logits = model(flat)
     probs = logits.float().softmax(-1).view(b, 10, -1)
     return probs.mean(1), probs[:, CENTER]
@@ -97,8 +101,11 @@ def _confusion(actual: torch.Tensor, predicted: torch.Tensor, num_classes: int) 
 
 def evaluate_arrays(model: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, *,
                     crop: int, batch_size: int = 64, device: str = "cpu",
-                    num_classes: int | None = None) -> EvalCounts:
+                    num_classes: int | None = None, amp: bool | str = "auto",
+                    channels_last: bool | str = "auto", compile: bool = False) -> EvalCounts:
     """Ten-crop and centre-crop confusion counts of ``images_uint8 [N, 3, H, W]`` with ``labels [N]``."""
+    from pipeline.train.config import maybe_compile, resolve_channels_last
+
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if len(images_uint8) != len(labels):
         raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels")
@@ -108,9 +115,13 @@ def evaluate_arrays(model: torch.nn.Module, images_uint8: torch.Tensor, labels: 
     was_training = model.training
     model.eval()
     model.to(device)
+    if resolve_channels_last(channels_last, device):
+        model.to(memory_format=torch.channels_last)
+    run = maybe_compile(model, compile)
     try:
         for i in range(0, len(labels), batch_size):
-            p10, pc = ten_crop_probabilities(model, images_uint8[i:i + batch_size], crop, device)
+            p10, pc = ten_crop_probabilities(run, images_uint8[i:i + batch_size], crop, device,
+                                             amp=amp, channels_last=channels_last)
             y = labels[i:i + batch_size]
             counts.ten_crop += _confusion(y, p10.argmax(1), num_classes)
             counts.center += _confusion(y, pc.argmax(1), num_classes)
@@ -150,7 +161,8 @@ def metrics_from_counts(counts: EvalCounts, classes: Sequence[str]) -> dict:
 
 
 def _shard_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, rank: int, world_size: int,
-                  batch_size: int, device: str, threads: int | None = None) -> EvalCounts:
+                  batch_size: int, device: str, threads: int | None = None,
+                  speed: dict | None = None) -> EvalCounts:
     """Counts of one shard (rows ``i % world_size == rank``); runs in-process or as a Ray task."""
     from pipeline.data.loader import load_split
 
@@ -161,11 +173,11 @@ def _shard_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, rank: int, wo
     if len(y) == 0:
         return EvalCounts.zeros(len(meta["classes"]))
     return evaluate_arrays(model, x, y, crop=meta["crop"], batch_size=batch_size, device=device,
-                           num_classes=len(meta["classes"]))
+                           num_classes=len(meta["classes"]), **(speed or {}))
 
 
 def _ray_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, num_workers: int,
-                batch_size: int, device: str | None) -> EvalCounts:
+                batch_size: int, device: str | None, speed: dict) -> EvalCounts:
     import ray
 
     from pipeline.cluster import ensure_ray
@@ -181,7 +193,7 @@ def _ray_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, num_workers: in
         ref = ray.put(ckpt_bytes)
         threads = max(1, int(cpus // num_workers))
         refs = [task.remote(ref, str(Path(parquet_dir).resolve()), split, rank, num_workers,
-                            batch_size, "cuda" if use_gpu else "cpu", threads)
+                            batch_size, "cuda" if use_gpu else "cpu", threads, speed)
                 for rank in range(num_workers)]
         total = None
         for c in ray.get(refs):
@@ -193,7 +205,9 @@ def _ray_counts(ckpt_bytes: bytes, parquet_dir: str, split: str, num_workers: in
 
 
 def evaluate_checkpoint(model_path, parquet_dir, *, split: str = "test", num_workers: int = 1,
-                        batch_size: int = 64, device: str | None = None) -> tuple[dict, np.ndarray]:
+                        batch_size: int = 64, device: str | None = None, amp: bool | str = "auto",
+                        channels_last: bool | str = "auto", compile: bool = False
+                        ) -> tuple[dict, np.ndarray]:
     """Ten-crop evaluation of ``model_path`` on ``parquet_dir``'s ``split``.
 
     ``num_workers > 1`` shards the split over Ray tasks (joins ``RAY_ADDRESS`` when set, else a
@@ -207,13 +221,17 @@ def evaluate_checkpoint(model_path, parquet_dir, *, split: str = "test", num_wor
         raise FerError(f"dataset {parquet_dir} not found (run `fer ingest` first)")
     if num_workers < 1:
         raise FerError(f"num_workers must be at least 1, got {num_workers}")
+    for name, v in (("amp", amp), ("channels_last", channels_last)):
+        if not (isinstance(v, bool) or v == "auto"):
+            raise FerError(f"evaluate: {name}={v!r} must be true, false or \"auto\"")
+    speed = dict(amp=amp, channels_last=channels_last, compile=bool(compile))
     ckpt_bytes = path.read_bytes()
     classes = checkpoint.read(ckpt_bytes)["classes"]
     if num_workers == 1:
         counts = _shard_counts(ckpt_bytes, str(parquet_dir), split, 0, 1, batch_size,
-                               default_device(device))
+                               default_device(device), speed=speed)
     else:
-        counts = _ray_counts(ckpt_bytes, str(parquet_dir), split, num_workers, batch_size, device)
+        counts = _ray_counts(ckpt_bytes, str(parquet_dir), split, num_workers, batch_size, device, speed)
     return metrics_from_counts(counts, classes), counts.ten_crop.cpu().numpy()
 
 

@@ -62,6 +62,7 @@ class Model(_Section):
     width: float = _opt()
     lip_bottleneck: float = _opt()
     dropout: float = _opt()
+    compile: bool = _opt("must be true or false")
 
 
 class Ray(_Section):
@@ -119,6 +120,8 @@ class ImagenetInit(_Section):
 class Evaluate(_Section):
     batch_size: int = _key("must be an integer >= 1", ge=1)
     num_workers: int = _key("must be an integer >= 1", ge=1)
+    amp: bool | AUTO = _opt("must be true, false or \"auto\"")
+    channels_last: bool | AUTO = _opt("must be true, false or \"auto\"")
 
 
 class Mlflow(_Section):

@@ -16,8 +16,10 @@ def main() -> None:
         "DATASET", "MODEL", "DATA", "METRICS_DIR", "PLOTS_DIR", datasets=("rafdb", "sfew"))
     params = load_params()
     opts = section(params, "evaluate")
-    metrics, confusion = evaluate_checkpoint(model_path, data, split="test",
-                                             num_workers=opts["num_workers"], batch_size=opts["batch_size"])
+    metrics, confusion = evaluate_checkpoint(
+        model_path, data, split="test", num_workers=opts["num_workers"], batch_size=opts["batch_size"],
+        amp=opts.get("amp", "auto"), channels_last=opts.get("channels_last", "auto"),
+        compile=bool(section(params, "model").get("compile", False)))
     paths = write_outputs(metrics, confusion, CLASSES, metrics_path=Path(metrics_dir),
                           plots_dir=Path(plots_dir), dataset=dataset)
     run_id = tracking.start_run(section(params, "mlflow")["experiment"], f"evaluate-{dataset}",

@@ -171,3 +171,46 @@ def test_weight_mapping_refuses_wrong_shapes(tmp_path):
         load_vgg16_bn_file(lip_vgg16(), tmp_path / "junk.pth")
     with pytest.raises(FerError, match="does not exist"):
         load_vgg16_bn_file(lip_vgg16(), tmp_path / "missing.pth")
+
+
+# The bound both LIP forms are held to over SoftGate's whole range [0, 12], windows mixing e^0 and
+# e^12: |out - float64 reference| <= TOL * max|x|, TOL = 1e-6 in fp32 (~8 ulp; both measure
+# ~1.5e-7) and 1e-2 in bf16 (~2.5 ulp of bf16's 2^-8; both measure ~5e-3).
+LIP_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", list(LIP_TOL))
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2)])
+def test_lip2d_bounded_form_as_exact_as_the_shifted_form(dtype, k, s):
+    from pipeline.model.lip import lip2d_bounded
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, 17, 16, generator=g) * 10).to(dtype)
+    logits = torch.rand(4, 8, 17, 16, generator=g) * 12
+    logits[..., ::2, ::2] = 0.0
+    logits = logits.to(dtype)
+    ref = lip_reference(x, logits, k, s)
+    bound = LIP_TOL[dtype] * float(x.abs().max())
+    for f in (lip2d, lip2d_bounded):
+        out = f(x, logits, k, s)
+        assert torch.isfinite(out).all()
+        assert float((out.double() - ref).abs().max()) <= bound, f.__name__
+
+
+def test_lip2d_bounded_gradcheck_float64():
+    from pipeline.model.lip import lip2d_bounded
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    lg = (torch.rand(1, 2, 4, 6, dtype=torch.float64, generator=g) * 12).requires_grad_()
+    assert torch.autograd.gradcheck(lip2d_bounded, (x, lg))
+
+
+def test_lip_pool_keeps_the_shift_for_fp16():
+    torch.manual_seed(0)
+    m = lip_vgg16(width=0.125).features[6]  # the first LIPPool2d
+    with torch.no_grad():
+        m.logit.body[6].weight.normal_()
+        x = torch.randn(2, 8, 16, 16) * 100
+        half = m.half()(x.half())  # logits up to 12 in fp16: the naive form would overflow
+    assert torch.isfinite(half).all()

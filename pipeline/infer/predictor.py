@@ -62,7 +62,8 @@ def to_model_input(face, size: int) -> np.ndarray:
 class Predictor:
     """``Predictor("models/rafdb/model.pt")`` or ``Predictor((model, meta))``."""
 
-    def __init__(self, source, *, device: str | None = None, batch_size: int = 32):
+    def __init__(self, source, *, device: str | None = None, batch_size: int = 32,
+                 amp: bool | str = "auto", channels_last: bool | str = "auto"):
         from pipeline.evaluate import default_device
         from pipeline.model.checkpoint import load_model
 
@@ -75,6 +76,7 @@ class Predictor:
         self.crop = int(meta["crop"])
         self.image_size = int(meta["image_size"])  # what training resized to (recorded)
         self.batch_size = batch_size
+        self.amp, self.channels_last = amp, channels_last  # as in evaluation: true/false/"auto"
         self.to(default_device(device))
 
     def to(self, device: str) -> "Predictor":
@@ -90,7 +92,8 @@ class Predictor:
         for i in range(0, len(faces), self.batch_size):
             batch = np.stack([to_model_input(f, self.image_size) for f in faces[i:i + self.batch_size]])
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
-            p10, _ = ten_crop_probabilities(self.model, x, self.crop, self.device)
+            p10, _ = ten_crop_probabilities(self.model, x, self.crop, self.device, amp=self.amp,
+                                            channels_last=self.channels_last)
             out.append(p10.cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 

@@ -4,6 +4,11 @@ O = sum(I * exp(G)) / sum(exp(G)) over each window. Within a window this is a so
 logits, so subtracting any per-window constant leaves O unchanged: we subtract the window's max
 before `exp`, which keeps every weight in (0, 1] and the denominator >= 1 — finite in fp16/bf16
 whatever the logits (the naive formula overflows fp16 at logits above ~11).
+
+`LIPPool2d` feeds bounded logits (SoftGate: [0, 12]), for which the paper's naive form
+avg_pool(x e^G) / avg_pool(e^G) cannot overflow in fp32 or bf16 (e^12 ~ 1.6e5) and is as exact
+(tests/test_model.py bounds both against float64); it is faster on CPU (bench/lip.py), so the
+pool uses it wherever the logits are not fp16 and keeps the shifted form for fp16.
 """
 from __future__ import annotations
 
@@ -24,6 +29,15 @@ def lip2d(x: torch.Tensor, logits: torch.Tensor, kernel_size: int = 2, stride: i
     w = torch.exp(logits - shift)
     num = F.avg_pool2d(x * w, kernel_size, stride, padding)
     return num / F.avg_pool2d(w, kernel_size, stride, padding)
+
+
+def lip2d_bounded(x: torch.Tensor, logits: torch.Tensor, kernel_size: int = 2, stride: int = 2,
+                  padding: int = 0) -> torch.Tensor:
+    """The naive form, for logits known to lie in [0, SoftGate.COEFF] and not fp16: no shift."""
+    if x.shape != logits.shape:
+        raise ValueError(f"lip2d: x {tuple(x.shape)} and logits {tuple(logits.shape)} differ")
+    w = torch.exp(logits)
+    return F.avg_pool2d(x * w, kernel_size, stride, padding) / F.avg_pool2d(w, kernel_size, stride, padding)
 
 
 def _lip2d_disjoint(x: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,4 +100,6 @@ class LIPPool2d(nn.Module):
         self.logit = LIPLogit(channels, bottleneck)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lip2d(x, self.logit(x), self.kernel_size, self.stride)
+        logits = self.logit(x)
+        pool = lip2d if logits.dtype == torch.float16 else lip2d_bounded
+        return pool(x, logits, self.kernel_size, self.stride)

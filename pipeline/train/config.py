@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FerError
@@ -57,8 +58,9 @@ class TrainConfig:
     max_failures: int = 2
     # outputs and speed
     output: str = "models/train"            # model.pt + history.json go here
-    amp: bool | str = "auto"                # "auto": bf16 autocast on GPU only
+    amp: bool | str = "auto"                # "auto": bf16 autocast on GPU and native-bf16 CPUs
     channels_last: bool | str = "auto"      # "auto": on GPU only
+    compile: bool = False                   # torch.compile the model (bench/compile.py: off pays on CPU)
     mlflow_run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +143,7 @@ class TrainConfig:
         need(isinstance(self.output, str) and self.output != "", f"output={self.output!r} must be a directory path")
         auto_bool("amp")
         auto_bool("channels_last")
+        need(isinstance(self.compile, bool), f"compile={self.compile!r} must be true/false")
         need(self.mlflow_run_id is None or isinstance(self.mlflow_run_id, str),
              f"mlflow_run_id={self.mlflow_run_id!r} must be null or a run id")
         return p
@@ -179,6 +182,55 @@ class TrainConfig:
     def resolved_run_name(self) -> str:
         if self.run_name:
             return self.run_name
-        from pathlib import Path
-
         return "train-" + (Path(self.output).resolve().name or "run")
+
+
+# ---------------------------------------------------------------------------- speed switches
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): only there bf16 autocast
+    beats fp32 on CPU; elsewhere oneDNN emulates it and is slower (reports/bf16_cpu.json)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not flags
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: bool | str, device) -> bool:
+    """bf16 autocast for `amp` = true/false/"auto" (auto: CUDA, or a CPU with native bf16)."""
+    import torch
+
+    if amp != "auto":
+        return bool(amp)
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+
+
+def resolve_channels_last(channels_last: bool | str, device) -> bool:
+    """channels_last for true/false/"auto" (auto: CUDA only; on CPU it measured no faster)."""
+    import torch
+
+    if channels_last != "auto":
+        return bool(channels_last)
+    return torch.device(device).type == "cuda"
+
+
+def maybe_compile(model, compile: bool):
+    """torch.compile(model) when asked; a missing C++ compiler (inductor's CPU backend) is a FerError."""
+    if not compile:
+        return model
+    import shutil
+
+    import torch
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")) and not torch.cuda.is_available():
+        raise FerError("model.compile: true needs a C++ compiler (g++) for torch.compile on CPU; "
+                       "install one or set compile: false")
+    return torch.compile(model)

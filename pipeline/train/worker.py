@@ -161,9 +161,10 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    amp = on_gpu if cfg["amp"] == "auto" else bool(cfg["amp"])
-    channels_last = on_gpu if cfg["channels_last"] == "auto" else bool(cfg["channels_last"])
+    from pipeline.train.config import maybe_compile, resolve_amp, resolve_channels_last
+
+    amp = resolve_amp(cfg["amp"], device)
+    channels_last = resolve_channels_last(cfg["channels_last"], device)
     import logging
 
     from pipeline import LOG_LEVEL
@@ -203,6 +204,9 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     raw = _unwrap(model)
+    # compiled after DDP wraps it (DDPOptimizer splits the graph at bucket boundaries); state
+    # dicts, checkpoints and validation keep using `raw`, the uncompiled module
+    model = maybe_compile(model, bool(cfg.get("compile", False)))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
@@ -269,7 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_acc = vc / max(vn, 1)
         if val_acc > best_acc:
             best_acc, best_epoch, bad = val_acc, epoch, 0
-            best_state = _cpu_state(model) if rank == 0 else None  # only rank 0 saves it
+            best_state = _cpu_state(raw) if rank == 0 else None  # only rank 0 saves it
         else:
             bad += 1
         stopped = bool(cfg["patience"]) and bad >= cfg["patience"]
@@ -294,7 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
             if rank == 0:
                 checkpoint.save_state(d, {
-                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "model": _cpu_state(raw), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch,
                     "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
                     "bad_epochs": bad, "stopped": stopped, "history": history,
