@@ -1,43 +1,55 @@
 """LIP costs, measured side by side in one run (ratios, not absolute times: machines are noisy).
 
-1. lip2d (window softmax, shift-safe) vs the LIP paper's naive formula
-   avg_pool(x * e^G) / avg_pool(e^G), forward + backward on the same tensors.
-2. One training step of LIP-VGG16 variants vs VGG16-BN (pool=max, head=fc, attention=none).
+1. The pooling op, forward + backward on the same tensors: `lip2d` (window max shift, fp16-safe)
+   vs `lip2d_bounded` (the paper's naive form, what LIPPool2d uses for SoftGate's [0, 12] logits
+   outside fp16) vs `lip2d_bounded` under torch.compile (one fused C++ loop; --compile).
+2. One AdamW training step of LIP-VGG16 (lip/conv/eca) vs torchvision's VGG16-BN (max/fc/none),
+   plus max/conv/eca and lip/conv/eca with the old shifted pooling, in fp32 and bf16 autocast,
+   interleaved round by round; ratios to VGG16-BN of the same dtype. Target: lip/conv/eca <= 1.2x.
 
-    python bench/lip.py [--width 0.5] [--size 90] [--batch 16] [--device cpu|cuda]
+    python bench/lip.py [--widths 0.25 1.0] [--size 90] [--batch 32] [--dtypes fp32 bf16]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.model import lip2d, lip_vgg16
+from pipeline.model.lip import LIPPool2d, lip2d_bounded
+
+TARGET = 1.2
 
 
-def naive_lip(x, logits):
-    w = logits.exp()
-    return F.avg_pool2d(x * w, 2) / F.avg_pool2d(w, 2)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of `fn` after one warm-up call."""
+def _once(fn, device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
     fn()
-    times = []
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, repeats: int, device: str) -> dict:
+    """Median seconds of each fn after one warm-up call, the fns taking turns every round."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for k, f in fns.items():
+            times[k].append(_once(f, device))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_op(device: str, repeats: int) -> None:
+def bench_op(device: str, repeats: int, compile: bool) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 64, 56, 56, generator=g).to(device).requires_grad_()
     lg = (torch.rand(32, 64, 56, 56, generator=g) * 12).to(device).requires_grad_()
@@ -48,45 +60,82 @@ def bench_op(device: str, repeats: int) -> None:
             f(x, lg).sum().backward()
         return run
 
-    t_ours, t_naive = timed(step(lip2d), repeats, device), timed(step(naive_lip), repeats, device)
-    print(f"lip2d fwd+bwd on {tuple(x.shape)}: ours {t_ours * 1e3:.1f} ms, naive {t_naive * 1e3:.1f} ms, "
-          f"ours/naive = {t_ours / t_naive:.2f}x")
+    fns = {"lip2d (shifted)": step(lip2d), "lip2d_bounded": step(lip2d_bounded)}
+    if compile:
+        fns["lip2d_bounded compiled"] = step(torch.compile(lip2d_bounded))
+    t = interleaved(fns, repeats, device)
+    base = t["lip2d (shifted)"]
+    print(f"LIP op fwd+bwd on {tuple(x.shape)} fp32:")
+    for k, v in t.items():
+        print(f"  {k:24} {v * 1e3:8.1f} ms  {v / base:5.2f}x of shifted")
 
 
-def bench_models(device: str, width: float, size: int, batch: int, repeats: int) -> None:
-    variants = [("max", "fc", "none"), ("lip", "fc", "none"), ("max", "conv", "eca"), ("lip", "conv", "eca")]
+def _shifted(m):
+    """The model with every LIP pool on the old shifted form (for the before/after ratio)."""
+    for p in m.modules():
+        if isinstance(p, LIPPool2d):
+            p.forward = types.MethodType(lambda s, x: lip2d(x, s.logit(x), s.kernel_size, s.stride), p)
+    return m
+
+
+VARIANTS = {  # name -> (pool, head, attention, shifted LIP)
+    "VGG16-BN (max/fc/none)": ("max", "fc", "none", False),
+    "max/conv/eca": ("max", "conv", "eca", False),
+    "lip/conv/eca": ("lip", "conv", "eca", False),
+    "lip/conv/eca, shifted LIP": ("lip", "conv", "eca", True),
+}
+
+
+def bench_models(device: str, width: float, size: int, batch: int, repeats: int, dtypes) -> dict:
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 7, (batch,), device=device)
-    results = {}
-    for pool, head, att in variants:
-        torch.manual_seed(0)
-        m = lip_vgg16(7, pool=pool, head=head, attention=att, width=width).to(device).train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    out = {}
+    for dt in dtypes:
+        fns = {}
+        for name, (pool, head, att, shifted) in VARIANTS.items():
+            torch.manual_seed(0)
+            m = lip_vgg16(7, pool=pool, head=head, attention=att, width=width).to(device).train()
+            if shifted:
+                _shifted(m)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-
-        results[(pool, head, att)] = timed(step, repeats, device)
-    base = results[("max", "fc", "none")]
-    print(f"training step, width {width}, {size}x{size}, batch {batch} (ratio to VGG16-BN, >1 = slower)")
-    for (pool, head, att), t in results.items():
-        print(f"  pool={pool:3} head={head:4} attention={att:4}: {t * 1e3:8.1f} ms/step "
-              f"{batch / t:7.1f} img/s  {t / base:5.2f}x")
+            def step(m=m, opt=opt):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=dt == "bf16"):
+                    loss = F.cross_entropy(m(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            fns[name] = step
+        t = interleaved(fns, repeats, device)
+        base = t["VGG16-BN (max/fc/none)"]
+        print(f"training step (AdamW), width {width}, {size}x{size}, batch {batch}, {dt} "
+              f"(ratio to VGG16-BN, >1 = slower; target lip/conv/eca <= {TARGET}x)")
+        for name, v in t.items():
+            print(f"  {name:28} {v * 1e3:8.1f} ms/step {batch / v:7.1f} img/s  {v / base:5.2f}x")
+        r = t["lip/conv/eca"] / base
+        print(f"  -> lip/conv/eca {r:.2f}x VGG16-BN: target {'MET' if r <= TARGET else 'NOT met'}; "
+              f"bounded LIP form vs shifted: {t['lip/conv/eca'] / t['lip/conv/eca, shifted LIP']:.2f}x")
+        out[dt] = t
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--widths", type=float, nargs="+", default=[0.25, 1.0])
     p.add_argument("--size", type=int, default=90)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also time the compiled LIP op (~30 s to compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}")
-    bench_op(a.device, a.repeats)
-    bench_models(a.device, a.width, a.size, a.batch, a.repeats)
+    bench_op(a.device, a.repeats, a.compile)
+    for w in a.widths:
+        bench_models(a.device, w, a.size, a.batch, a.repeats, a.dtypes)
 
 
 if __name__ == "__main__":
