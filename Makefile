@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS ?= 1
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: install lock repro test test-fast bench clean
+.PHONY: install lock repro test test-fast bench bench-gpu clean
 
 # Every package at the exact version in requirements.lock (torch 2.14.1 / torchvision 0.29.1
 # included), nothing resolved at install time; then the project itself, editable, without deps.
@@ -42,8 +42,15 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
 
+# LIP's cost vs VGG16-BN (widths 0.25 and 1.0, fp32 and bf16; ~15 min on 2 cores) and bf16 vs
+# fp32 on this CPU (-> reports/bf16_cpu.json); bench/compile.py times torch.compile separately.
 bench: $(VENV)/.installed
 	$(PY) bench/lip.py
+	$(PY) bench/bf16_cpu.py
 	$(PY) bench/data.py
 	# onnxruntime vs PyTorch prediction (width 0.25 here; --width 1.0 is the paper's network)
 	$(PY) bench/onnx.py --width 0.25 --seconds 2
+
+# On a GPU machine: the gpu-marked tests, throughput, loader and the paper run, one table (< 8 min).
+bench-gpu: $(VENV)/.installed
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/gpu.py
