@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.train.config import ATTENTIONS, HEADS, OPTIMIZERS, POOLS, SCHEDULES, TrainConfig
+from pipeline.train.config import ATTENTIONS, HEADS, OPTIMIZERS, POOLS, SAMPLERS, SCHEDULES, TrainConfig
 
 AUTO = Literal["auto"]
 #: TrainConfig fields that params.yaml never sets: the stages set them (paths, run names) or the
@@ -88,6 +88,8 @@ class Training(_Section):
     gamma: float = _opt()
     label_smoothing: float = _opt()
     class_weighted: bool = _opt()
+    sampler: Literal[SAMPLERS] = _opt()
+    logit_adjust: float = _opt()
     max_rotate_deg: float = _opt()
     patience: int = _opt()
     seed: int = _opt()

@@ -14,7 +14,8 @@ from typing import Any
 from pipeline.errors import FerError
 
 POOLS, HEADS, ATTENTIONS = ("lip", "max"), ("conv", "fc"), ("eca", "none")
-OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "step")
+OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "step", "onecycle")
+SAMPLERS = ("shuffle", "balanced")       # pipeline.train.imbalance
 MIN_SIZE, MAX_SIZE = 48, 224  # what LIP-VGG16 accepts
 
 
@@ -46,6 +47,8 @@ class TrainConfig:
     gamma: float = 0.1                      # ... by this factor
     label_smoothing: float = 0.0
     class_weighted: bool = False
+    sampler: str = "shuffle"                # "balanced": class-balanced draws (pipeline.train.imbalance)
+    logit_adjust: float = 0.0               # tau of the logit-adjusted loss (imbalance); 0 = off
     max_rotate_deg: float = 10.0
     patience: int = 0                       # early stopping on val accuracy; 0 = off
     seed: int = 0
@@ -121,6 +124,11 @@ class TrainConfig:
         need(is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         need(isinstance(self.class_weighted, bool), f"class_weighted={self.class_weighted!r} must be true/false")
+        choice("sampler", SAMPLERS)
+        need(is_num(self.logit_adjust) and self.logit_adjust >= 0,
+             f"logit_adjust={self.logit_adjust!r} must be >= 0 (0 = off)")
+        need(not (self.logit_adjust and self.class_weighted),
+             "logit_adjust and class_weighted both correct for the class prior: choose one")
         need(is_num(self.max_rotate_deg) and 0 <= self.max_rotate_deg <= 180,
              f"max_rotate_deg={self.max_rotate_deg!r} must be in [0, 180]")
         need(is_int(self.patience) and self.patience >= 0, f"patience={self.patience!r} must be >= 0 (0 = off)")

@@ -35,8 +35,12 @@ CONFIG_FILE = "train_config.json"
 # ---------------------------------------------------------------------------- building blocks
 def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,
               step_size: int, gamma: float) -> Callable[[int], float]:
-    """Per-iteration LR factor: linear warm-up, then cosine to 0 or step decay."""
+    """Per-iteration LR factor: linear warm-up, then cosine to 0 or step decay; "onecycle":
+    torch's OneCycleLR shape (cosine from 1/25 up to 1 over the first 30% of steps, then cosine
+    down to 1/25e4; warmup_epochs unused)."""
     total = max(1, epochs * steps_per_epoch)
+    if schedule == "onecycle":
+        return _onecycle(total)
     warm = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
 
     def f(it: int) -> float:
@@ -45,6 +49,21 @@ def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule:
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (it - warm) / max(1, total - warm))))
         return gamma ** (it // (step_size * steps_per_epoch))
+
+    return f
+
+
+def _onecycle(total: int, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4
+              ) -> Callable[[int], float]:
+    up = max(1, int(pct_start * total))
+
+    def cos(a: float, b: float, t: float) -> float:
+        return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    def f(it: int) -> float:
+        if it < up:
+            return cos(1.0 / div, 1.0, it / up)
+        return cos(1.0, 1.0 / (div * final_div), (it - up) / max(1, total - up))
 
     return f
 
@@ -154,7 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.data.loader import DeviceBatches, load_split
+    from pipeline.data.loader import load_split
+    from pipeline.train.imbalance import make_batches, make_criterion
     from pipeline.model import checkpoint, lip_vgg16
 
     cfg = config
@@ -180,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
     vx, vy = load_split(cfg["data"], "val", size=cfg["image_size"], rank=rank, world_size=world)
     vx, vy = vx.to(device), vy.to(device)
     local_bs = cfg["batch_size"] // world
-    batches = DeviceBatches(tx, ty, batch_size=local_bs, crop=cfg["crop"], train=True, device=device,
+    batches = make_batches(cfg, tx, ty, batch_size=local_bs, crop=cfg["crop"], train=True, device=device,
                             seed=seed * 100_003 + rank * 10_007, max_rotate_deg=cfg["max_rotate_deg"],
                             drop_last=True)
     # Every worker must run the same number of steps (DDP); shards differ by at most one image.
@@ -210,10 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
-    weight = None
-    if cfg["class_weighted"]:
-        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
+    criterion = make_criterion(cfg, counts, device)  # plain / class-weighted / logit-adjusted
 
     # ---- resume
     torch.manual_seed(seed * 1000 + rank)  # dropout etc. differ per rank
