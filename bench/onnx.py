@@ -1,7 +1,7 @@
 """onnxruntime vs PyTorch on this CPU: images/s and latency of the exported ten-crop graph at
 batch 1 and 32, printed as ratios (onnxruntime / PyTorch). Run by hand or from `make bench`:
 
-    .venv/bin/python bench/onnx.py [--width 1.0] [--size 100 --crop 90] [--seconds 3]
+    .venv/bin/python bench/onnx.py [--width 1.0] [--size 100 --crop 90] [--seconds 3] [--batches 1 32]
 
 The model is an untrained LIP-VGG16 (the default variant: LIP, conv head, ECA) at the given
 width; speed does not depend on the weights.
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=100)
     p.add_argument("--crop", type=int, default=90)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], metavar="N")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     model = lip_vgg16(width=a.width).eval()
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
         print(f"LIP-VGG16 width {a.width}, {a.size}px images, ten crops of {a.crop}, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), CPU")
         print(f"{'batch':>5}  {'torch ms':>9}  {'onnx ms':>8}  {'torch img/s':>11}  {'onnx img/s':>10}  {'speed-up':>8}")
-        for b in (1, 32):
+        for b in a.batches:
             x = np.random.default_rng(b).integers(0, 256, (b, 3, a.size, a.size), dtype=np.uint8)
             xt = torch.from_numpy(x)
             t_pt = timed(lambda: ten_crop_probabilities(pt.model, xt, pt.crop, "cpu"), a.seconds)

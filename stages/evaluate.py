@@ -28,7 +28,8 @@ def main() -> None:
     tracking.log_artifacts(run_id, [paths["metrics"], paths["confusion_csv"], paths["confusion_png"]])
     name = f"lip-vgg16-{dataset}"
     version = registry.log_and_register_model(run_id, model_path, registered_name=name,
-                                              test_accuracy=metrics["accuracy"])
+                                              test_accuracy=metrics["accuracy"], metrics=metrics,
+                                              dataset=dataset, data=data)
     tracking.end_run(run_id)
     champ = registry.champion(name)
     print(f"evaluate {dataset}: ten-crop accuracy {metrics['accuracy']:.4f} "

@@ -98,7 +98,7 @@ def test_no_face_falls_back_to_whole_image():
 def test_detected_face_is_cropped_square_with_margin(monkeypatch):
     img = np.zeros((200, 300, 3), np.uint8)
     monkeypatch.setattr(F, "detect", lambda image, **kw: [(100, 50, 60, 60), (0, 0, 40, 40)])
-    found = F.find_faces(img, margin=0.25)
+    found = F.find_faces(img, margin=0.25, detector="haar")
     assert [f.detected for f in found] == [True, True]
     assert found[0].box == (85, 35, 90, 90) and found[0].image.shape == (90, 90, 3)
     assert found[1].box == (0, 0, 60, 60)  # clipped at the image border, still square

@@ -136,7 +136,9 @@ def test_champion_loads_with_pyfunc_and_predicts_raw_faces(registry, assets):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (out_bytes["label"] == [CLASSES[i] for i in probs.argmax(1)]).all()
 
-    out_arrays = model.predict(arrays)  # uint8 HxWx3 arrays: the same preprocessing
+    # uint8 HxWx3 arrays: the same preprocessing (the signature declares the served base64
+    # column, so arrays go to the unwrapped model)
+    out_arrays = model.unwrap_python_model().predict(None, arrays)
     np.testing.assert_allclose(out_arrays[list(CLASSES)].to_numpy(), probs, atol=1e-6)
     out_b64 = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in jpegs]}))
     np.testing.assert_allclose(out_b64[list(CLASSES)].to_numpy(), probs, atol=1e-6)

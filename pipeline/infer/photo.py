@@ -63,11 +63,13 @@ def face_records(faces, preds) -> list[dict]:
              "landmarks": f.landmarks, **p} for f, p in zip(faces, preds)]
 
 
-def predict_image(img, predictor, *, margin: float = 0.2, align: str = "eyes") -> tuple[list, list[dict]]:
+def predict_image(img, predictor, *, margin: float = 0.2, align: str = "eyes",
+                  detector: str | None = None) -> tuple[list, list[dict]]:
     """Faces of one RGB image and their records (``box``, ``detected``, ``aligned``,
-    ``landmarks``, ``label``, ``probabilities``)."""
-    from pipeline.infer.faces import find_faces
+    ``landmarks``, ``label``, ``probabilities``); ``detector`` None is the default one."""
+    from pipeline.infer.faces import DEFAULT_DETECTOR, find_faces
 
-    faces = find_faces(img, margin=margin, align=align, size=predictor.image_size)
+    faces = find_faces(img, margin=margin, align=align, size=predictor.image_size,
+                       detector=detector or DEFAULT_DETECTOR)
     preds = predictor.predict_faces([f.image for f in faces])
     return faces, face_records(faces, preds)

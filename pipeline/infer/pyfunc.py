@@ -2,7 +2,11 @@
 
 Input: a pandas DataFrame with an ``image`` column (encoded bytes, base64 strings as sent to
 ``mlflow models serve`` in JSON, or uint8 HxWx3 arrays), or a list / array of uint8 HxWx3 images
-or encoded bytes. Output: a DataFrame with ``label`` and one probability column per class. The
+or encoded bytes. The logged model's signature (:func:`pipeline.infer.registry.signature`)
+declares the served form, an ``image`` string column (base64), so MLflow refuses other frames
+(a missing ``image`` column, numbers) before :meth:`FerPyfunc.predict` runs; arrays reach it
+only through the unwrapped model (``model.unwrap_python_model()``). Output: a DataFrame with
+``label`` and one probability column per class. The
 preprocessing (decode, resize, ten-crop, softmax average) is
 :class:`pipeline.infer.predictor.Predictor`'s, which is evaluation's: encoded bytes go through the
 loader's decoder (:func:`pipeline.data._decode.decode`), pixel cap and EXIF orientation included.

@@ -90,6 +90,7 @@ def _smooth(records: list[dict], previous: list[dict], alpha: float) -> None:
 
 
 def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", margin: float = 0.2,
+                  detector: str | None = None,
                   annotate=None, smooth: float = 0.0, out=None, progress: bool = True,
                   live: bool | None = None, name: str | None = None) -> dict:
     """Run the predictor on a video file, a camera index or an opened ``cv2.VideoCapture``;
@@ -131,7 +132,8 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
             frames += 1
             if i % every == 0:
                 analysed += 1
-                _, records = predict_image(rgb, predictor, margin=margin, align=align)
+                _, records = predict_image(rgb, predictor, margin=margin, align=align,
+                                           detector=detector)
                 records = [r for r in records if r["detected"]]
                 if smooth > 0:
                     _smooth(records, previous, smooth)
