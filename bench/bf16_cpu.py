@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -86,7 +87,8 @@ def main() -> None:
                 times[(dt, k)].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {
-        "cpu": _cpu(), "torch": torch.__version__, "threads": threads, "network": model_cfg,
+        "cpu": _cpu(), "torch": torch.__version__, "threads": threads,
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine: absolute rates vary "network": model_cfg,
         "crop": crop, "train_batch": batch, "eval_images": len(xe),
         "train_images_per_s": {dt: batch / med[(dt, "train")] for dt in runs},
         "eval_crops_per_s": {dt: len(xe) / med[(dt, "eval")] for dt in runs},
