@@ -111,6 +111,11 @@ def test_settings_refuse_what_cannot_run():
     with pytest.raises(FerError, match="adapt"):
         settings({"source": "none", "mode": "adapt", "data": "x"})
     assert settings({"source": "none"})["mode"] == "map"
+    from pipeline.params_schema import problems
+
+    assert problems({"imagenet_init": {"source": "none", "mode": "train", "crop": 20}}) == [
+        "imagenet_init.mode = 'train': must be 'map', 'adapt' or 'pretrain'",
+        "imagenet_init.crop = 20: must be an integer in 48..224"]
 
 
 # --------------------------------------------------------------------------- end to end (slow)
@@ -180,27 +185,34 @@ def _calibrated_vgg16_bn(path: Path, images: Path) -> None:
 
 
 @pytest.mark.slow
-def test_adapt_trains_only_the_new_parts_and_rafdb_starts_from_it(small, tmp_path, ray_capped, monkeypatch):
+def test_adapt_stage_trains_only_the_new_parts_and_rafdb_starts_from_it(small, tmp_path):
+    """Through the stage's entry point (as dvc.yaml runs it), in its own Ray instance."""
     import torch
+    import yaml
 
     from pipeline.model import checkpoint, lip_vgg16
     from pipeline.model.pretrained import initialise
-    from pipeline.train.imagenet import frozen_names, run_imagenet_init
+    from pipeline.train.imagenet import frozen_names
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     vgg = tmp_path / "vgg16_bn.pth"
     _calibrated_vgg16_bn(vgg, small.parent / "raw" / "train")
-    params = _params(tmp_path, small, "adapt", source=str(vgg), epochs=3, lr=0.01)
-    out, rep = tmp_path / "imagenet_init.pt", tmp_path / "imagenet_init.json"
-    report = run_imagenet_init(out, rep, params)
-    assert json.loads(rep.read_text())["top1"] == report["top1"]
+    params = _params(tmp_path, small, "adapt", source=str(vgg), epochs=2, lr=0.01)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out, rep = tmp_path / "models" / "imagenet_init.pt", tmp_path / "reports" / "imagenet_init.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "stages.imagenet_init", str(out), str(rep)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = json.loads(rep.read_text())
+    assert report["mode"] == "adapt" and report["n_train"] == 400 and report["n_val"] == 100
     assert report["top1"] > 0.2, report  # chance: 0.1
 
-    cfg = {**params["model"], "num_classes": 10}
-    ref = lip_vgg16(**cfg)
+    got = checkpoint.read(out)
+    assert got["model_config"]["num_classes"] == 10 and got["model_config"]["width"] == WIDTH
+    ref = lip_vgg16(**got["model_config"])
     initialise(ref, str(vgg))
     ref_sd = ref.state_dict()
-    got = checkpoint.read(out)
     assert got["classes"] == dataset_info(small)["classes"] and got["init"]["mode"] == "adapt"
     sd = got["state_dict"]
     frozen = frozen_names(ref)
@@ -214,7 +226,7 @@ def test_adapt_trains_only_the_new_parts_and_rafdb_starts_from_it(small, tmp_pat
     assert any(k.startswith("attention.") for k in moved)
 
     # RAF-DB training's loader takes everything but the 10-class classifier
-    face = lip_vgg16(**{**params["model"], "num_classes": 7})
+    face = lip_vgg16(**{**got["model_config"], "num_classes": 7})
     loaded = checkpoint.load_init(face, out)
     assert loaded["reinit"] == [k for k in face.state_dict() if k.startswith(face.classifier_prefix)]
     assert not loaded["missing"] and len(loaded["copied"]) == len(sd) - len(loaded["reinit"])
@@ -223,13 +235,13 @@ def test_adapt_trains_only_the_new_parts_and_rafdb_starts_from_it(small, tmp_pat
 @pytest.mark.slow
 def test_pretrain_streams_a_set_larger_than_the_object_store_learns_and_resumes(tmp_path, ray_capped,
                                                                                  monkeypatch):
-    """240 MB of JPEGs (150 KB each, padded: cheap to decode) through an 80 MB object store: the
+    """240 MB of JPEGs (200 KB each, padded: cheap to decode) through an 80 MB object store: the
     epochs finish, no worker grows by more than a fraction of the set, and an injected failure
     in epoch 2 resumes from epoch 1's checkpoint."""
     from pipeline.train.imagenet import run_imagenet_init
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    write_sample(tmp_path / "raw", classes=10, train_per_class=160, val_per_class=4, size=32, pad_kb=150)
+    write_sample(tmp_path / "raw", classes=10, train_per_class=120, val_per_class=4, size=32, pad_kb=200)
     data = tmp_path / "pq"
     ingest_imagenet(tmp_path / "raw", data, report_path=tmp_path / "ingest.json", shard_mb=32, workers=1,
                     progress=False)
@@ -242,6 +254,9 @@ def test_pretrain_streams_a_set_larger_than_the_object_store_learns_and_resumes(
                                extra_loop_config={"_fail_at_epoch": 2, "_fail_marker": str(marker)})
     assert marker.exists()  # epoch 2 failed once; the workers restarted from epoch 1's checkpoint
     phase = report["phases"]["pretrain"]
-    assert phase["epochs"] == 2 and report["n_train"] == 1600
-    assert phase["worker_rss_growth_mb"] < data_mb / 3, (phase, data_mb)
+    assert phase["epochs"] == 2 and report["n_train"] == 1200
+    # A worker holding the set would grow by its 240 MB at least. What a worker's first epoch
+    # adds (gradients, optimiser state, DDP buckets, the iterator's prefetch) is ~85 MB here,
+    # whatever the set's size (the same on the adapt test's 0.6 MB set).
+    assert phase["worker_rss_growth_mb"] < data_mb / 2, (phase, data_mb)
     assert report["top1"] > 0.2, report  # chance: 0.1
