@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None,
                    help="a model.pt checkpoint or a registry URI (default: as fer predict)")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--log", action="store_true",
+                   help="with --model models:/NAME/VERSION or models:/NAME@ALIAS: also log the file "
+                        "beside that version (artifact onnx/<file> of its run, tag onnx_artifact)")
     s.set_defaults(func=_export)
 
     from pipeline.ablation import ablation_command, add_ablation_arguments

@@ -96,3 +96,28 @@ def test_params_hash_and_data_version_rules(tmp_path):
     assert R.data_version("data/parquet/sfew", lock) == "unknown"
     lock.write_text("stages: [unclosed")
     assert R.data_version("data/parquet/rafdb", lock) == "unknown"
+
+
+@pytest.mark.slow  # one ONNX export of the tiny model (~10-30 s on 2 cores)
+def test_fer_export_log_puts_the_onnx_beside_the_version(registered, tmp_path, capsys):
+    """`fer export --onnx m.onnx --model models:/NAME@champion --log`: the file becomes an artifact
+    of the version's run and the version is tagged with its URI and sha256."""
+    pytest.importorskip("onnxscript")
+    import mlflow.artifacts
+
+    from pipeline.cli import main
+    from pipeline.infer.resolve import sha256_file
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--onnx", str(out), "--model", f"models:/{NAME}@champion", "--log"]) == 0
+    assert "logged beside" in capsys.readouterr().out
+    mv = registered["client"].get_model_version(NAME, str(registered["version"]))
+    assert mv.tags[R.ONNX_TAG] == f"runs:/{registered['run']}/onnx/m.onnx"
+    assert mv.tags[R.ONNX_SHA_TAG] == sha256_file(out)
+    with T.using_store():
+        got = mlflow.artifacts.download_artifacts(mv.tags[R.ONNX_TAG], dst_path=str(tmp_path / "dl"))
+    assert sha256_file(Path(got)) == sha256_file(out)
+    # --log needs a registered version to put the file beside
+    assert main(["export", "--onnx", str(tmp_path / "x.onnx"), "--model", str(registered["assets"]["checkpoint"]),
+                 "--log"]) == 2
+    assert "--log" in capsys.readouterr().err

@@ -228,3 +228,40 @@ def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, r
     if current is None or math.isnan(current[1]) or acc > current[1]:
         c.set_registered_model_alias(registered_name, CHAMPION, str(version))
     return version
+
+
+#: Model-version tags written by :func:`log_onnx`.
+ONNX_TAG, ONNX_SHA_TAG = "onnx_artifact", "onnx_sha256"
+
+
+def log_onnx(model_uri: str, onnx_path: str | os.PathLike) -> str:
+    """Log an exported ONNX file (``fer export --onnx``) beside a registered version: an artifact
+    ``onnx/<file>`` of the version's run, and the version tagged ``onnx_artifact`` (its
+    ``runs:/`` URI) and ``onnx_sha256``. ``model_uri`` is ``models:/NAME/VERSION`` or
+    ``models:/NAME@ALIAS``. Returns the artifact's URI."""
+    from mlflow.exceptions import MlflowException
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FerError(f"{onnx_path}: no such ONNX file")
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if not ref or ("@" not in ref and "/" not in ref):
+        raise FerError(f"--log needs --model models:/NAME/VERSION or models:/NAME@ALIAS, not {model_uri!r}")
+    c = client()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = c.get_model_version(name, version)
+    except MlflowException as e:
+        raise FerError(f"{model_uri}: no such registered version ({e.message.splitlines()[0]})") from e
+    if not mv.run_id:
+        raise FerError(f"{model_uri}: the version has no run to log the ONNX file under")
+    with using_store():
+        c.log_artifact(mv.run_id, str(onnx_path), "onnx")
+    uri = f"runs:/{mv.run_id}/onnx/{onnx_path.name}"
+    c.set_model_version_tag(mv.name, mv.version, ONNX_TAG, uri)
+    c.set_model_version_tag(mv.name, mv.version, ONNX_SHA_TAG, sha256_file(onnx_path))
+    return uri
