@@ -24,7 +24,7 @@ def test_committed_params_are_valid(name):
     for section in ("train_rafdb", "finetune_sfew"):
         cfg = TrainConfig.from_dict({**p["model"], **p["ray"], **p[section], "data": "x"})
         assert cfg.crop <= (cfg.image_size or 100)
-    lip_vgg16(7, **p["model"])
+        lip_vgg16(**cfg.model_config())  # model.compile is how to run the network, not part of it
 
 
 def test_paper_params_are_the_paper_setup():
