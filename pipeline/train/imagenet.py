@@ -91,6 +91,9 @@ def imagenet_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"  # bf16 autocast and channels_last: on GPU unless set
+    amp = on_gpu if cfg.get("amp", "auto") == "auto" else bool(cfg["amp"])
+    channels_last = on_gpu if cfg.get("channels_last", "auto") == "auto" else bool(cfg["channels_last"])
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
     seed = int(cfg["seed"])
@@ -103,6 +106,8 @@ def imagenet_loop_per_worker(config: dict) -> None:
     if ckpt is None and cfg["init"] != "none":
         checkpoint.load_init(model, cfg["init"])
     frozen_bn = _freeze(model) if cfg["freeze"] else []
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     raw = _unwrap(model)
     optimizer = make_optimizer(model, cfg)
@@ -154,7 +159,8 @@ def imagenet_loop_per_worker(config: dict) -> None:
             x = normalize(batch["image"].permute(0, 3, 1, 2))
             y = batch["label"]
             lr = optimizer.param_groups[0]["lr"]
-            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler)
+            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
+                                      channels_last=channels_last)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -170,7 +176,11 @@ def imagenet_loop_per_worker(config: dict) -> None:
             for batch in val_shard.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8,
                                                                               "label": torch.int64},
                                                       device=device):
-                logits = raw(normalize(batch["image"].permute(0, 3, 1, 2)))
+                x = normalize(batch["image"].permute(0, 3, 1, 2))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = raw(x).float()
                 y = batch["label"]
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
