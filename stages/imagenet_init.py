@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 from pipeline.config import load_params, section
 from pipeline.data.classes import CLASSES
+from pipeline.model import LIPVGG16
 from pipeline.model.checkpoint import write_imagenet_init
 from stages import run_stage, stage_args
 
@@ -25,7 +27,10 @@ def main() -> None:
         run_imagenet_init(out, report, params)
         return
     source = str(opts["source"])
-    model_config = {"num_classes": len(CLASSES), **section(params, "model")}
+    # the network's own arguments only: the model section also holds how it is run (compile)
+    arch = inspect.signature(LIPVGG16).parameters
+    model_config = {"num_classes": len(CLASSES),
+                    **{k: v for k, v in section(params, "model").items() if k in arch}}
     # the parts ImageNet does not cover start from train_rafdb's seed (declared in dvc.yaml)
     info = write_imagenet_init(out, model_config, source, seed=section(params, "train_rafdb").get("seed", 0))
     report.parent.mkdir(parents=True, exist_ok=True)
