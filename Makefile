@@ -36,6 +36,11 @@ lock:
 repro: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
 
+# The README's results block and reports/{recipe,imbalance}.{json,md}, from the files each row
+# names (metrics/, reports/history_*.json, reports/runs/, reports/ablation.json): after `make repro`.
+results: $(VENV)/.installed
+	$(PY) scripts/results.py
+
 test: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
 

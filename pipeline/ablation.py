@@ -42,6 +42,10 @@ from pipeline.errors import FerError
 
 #: The paper's figures we carry (test accuracy, %). Nothing else is quoted from the paper.
 PAPER = {"vgg16": 81.68, "imagenet": 86.31, "sfew_imagenet": 50.00, "sfew_rafdb": 57.34}
+#: Each row's reference: the row it adds one change to. The report tests every difference against
+#: the seed noise (pipeline.noise.compare, Welch's t over per-seed figures).
+REFS = {"lip": "vgg16", "ten_crop": "lip", "imagenet": "ten_crop", "attention_on": "attention_off",
+        "sfew_rafdb": "sfew_imagenet"}
 NO_WEIGHTS = "not run: no ImageNet weights (set imagenet_init.source)"
 SECTIONS = {"rafdb": "train_rafdb", "sfew": "finetune_sfew"}
 
@@ -299,6 +303,9 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "rows": [r.as_dict() for r in rows], "comparisons": comparisons(rows)}, indent=1,
+        default=str))
     try:
         tracking.client().log_text(parent, text, "ablation.md")
     except Exception as e:
@@ -364,6 +371,23 @@ def _schedule(runner: _Runner, ready: list, waiting: list, conc: int, failures: 
 
 
 # --------------------------------------------------------------------------- report
+def comparisons(rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """Row key -> ``pipeline.noise.compare`` of the row against its reference (REFS; the SFEW row
+    against ``sfew_scratch`` when ``sfew_imagenet`` did not run), plus ``ref``."""
+    from pipeline.noise import compare
+
+    by_key = {r.key: r for r in rows}
+    out = {}
+    for r in rows:
+        ref = REFS.get(r.key)
+        if ref == "sfew_imagenet" and not (by_key.get(ref) and by_key[ref].values):
+            ref = "sfew_scratch"
+        if not ref or ref not in by_key or not r.values or not by_key[ref].values:
+            continue
+        out[r.key] = dict(compare(r.values, by_key[ref].values), ref=ref)
+    return out
+
+
 def fmt_value(values: list[float]) -> str:
     """Test accuracy in %: one run -> "84.12", several -> "84.12 ± 0.53" (sample std)."""
     if not values:
@@ -375,15 +399,20 @@ def fmt_value(values: list[float]) -> str:
 
 
 def render(rows: list[Row], meta: dict[str, Any]) -> str:
+    from pipeline.noise import fmt_compare
+
+    cmp = comparisons(rows)
+
     def table(n: int, title: str) -> list[str]:
         out = [f"## {title}", "",
-               "| Row | Setting | Metric | Ours (test %) | Paper (%) | MLflow run id(s) |",
-               "|---|---|---|---|---|---|"]
+               "| Row | Setting | Metric | Ours (test %) | vs reference row | Paper (%) | MLflow run id(s) |",
+               "|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r.table == n):
             ours = fmt_value(r.values) if r.values else (r.reason or "not run")
+            vs = f"`{cmp[r.key]['ref']}`: {fmt_compare(cmp[r.key])}" if r.key in cmp else "—"
             paper = f"{r.paper:.2f}" if r.paper is not None else "—"
             runs = ", ".join(f"`{i}`" for i in r.run_ids) if r.run_ids else "—"
-            out.append(f"| `{r.key}` | {r.label} | {r.metric} | {ours} | {paper} | {runs} |")
+            out.append(f"| `{r.key}` | {r.label} | {r.metric} | {ours} | {vs} | {paper} | {runs} |")
         return out + [""]
 
     seeds = meta["seeds"]
@@ -414,6 +443,10 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         "ten-crop and ImageNet pre-training); SFEW from ImageNet init 50.00 and from the RAF-DB "
         "model 57.34. '—' means the paper gives no figure for that row here (the attention rows are "
         "not in the paper at all).",
+        "- `vs reference row`: the difference to the row this one adds a change to, tested against the "
+        "seed noise (Welch's t-test on the per-seed figures, two-sided, 5%): *beyond noise* or "
+        "*within noise* (a tie at this number of seeds); with one seed the noise is unknown. "
+        "`reports/ablation.json` holds the same figures with t, df and p.",
         "- Rows that share a model share runs: `ten_crop` reads the ten-crop accuracy of the `lip` "
         "runs; `sfew_rafdb` fine-tunes the RAF-DB model named in its label.",
         "- On the built-in synthetic data at CPU size these numbers test the pipeline, not the "

@@ -8,9 +8,10 @@ the pipeline itself runs 2 Ray workers (batch split 2 x 16, BatchNorm per half b
     python scripts/recipe_runs.py --data data/parquet/rafdb --init models/imagenet_init.pt \\
         --name onecycle --seeds 0 1 2 --set schedule=onecycle lr=0.01 --out reports/runs
 
-writes one JSON per (name, seed): the config, the per-epoch history, the best val accuracy, the
-per-class val accuracy at the best epoch and the centre-crop test accuracy of the best model
-(reported only, never used to choose). `scripts/results.py` reads these files.
+writes one JSON per (name, seed), rewritten after every epoch (an interrupted run keeps what it
+reached; `status` is "running" until the last epoch): the config, the per-epoch history (val
+accuracy, per-class and mean class val accuracy), the best val epoch and, once done, the
+centre-crop test accuracy of the best-val model (reported only, never used to choose). `scripts/results.py` reads these files.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     from pipeline.model import checkpoint, lip_vgg16
     from pipeline.train.config import TrainConfig
     from pipeline.train.imbalance import make_batches, make_criterion
-    from pipeline.train.worker import count_correct, lr_lambda, make_optimizer, train_step
+    from pipeline.train.worker import lr_lambda, make_optimizer, train_step
 
     d = dict(base, seed=seed)
     cfg = TrainConfig.from_dict(d).to_dict()
@@ -78,6 +79,11 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     random.seed(seed * 1000)
     best, best_state, hist = -1.0, None, []
     t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}__s{seed}.json"
+    rec = {"name": name, "seed": seed, "epochs": cfg["epochs"], "status": "running",
+           "overrides": {k: v for k, v in base.items() if k not in ("data", "init")},
+           "torch_threads": torch.get_num_threads()}
     for epoch in range(1, cfg["epochs"] + 1):
         model.train()
         batches.set_epoch(epoch)
@@ -88,28 +94,26 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
             ls += float(loss) * len(y)
             corr += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        vc, vn = count_correct(model, vx, vy, cfg["crop"])
-        va = vc / vn
+        va, vcls = per_class(model, vx, vy, cfg["crop"], cfg["num_classes"])
         hist.append({"epoch": epoch, "train_loss": ls / seen, "train_accuracy": corr / seen,
-                     "val_accuracy": va, "epoch_time_s": time.perf_counter() - t0})
+                     "val_accuracy": va, "val_mean_class_accuracy": sum(vcls) / len(vcls),
+                     "val_per_class": vcls, "epoch_time_s": time.perf_counter() - t0})
         print(f"{name} s{seed} ep{epoch} loss {ls / seen:.3f} acc {corr / seen:.3f} val {va:.3f} "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
+              f"mca {sum(vcls) / len(vcls):.3f} {time.perf_counter() - t0:.0f}s", flush=True)
         if va > best:
             best = va
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            rec.update(best_epoch=epoch, best_val_accuracy=va, val_per_class=vcls,
+                       val_mean_class_accuracy=sum(vcls) / len(vcls))
+        # written every epoch: an interrupted run still names what it reached
+        rec.update(history=hist, epochs_done=epoch, final_train_accuracy=hist[-1]["train_accuracy"],
+                   wall_s=time.perf_counter() - t_start)
+        path.write_text(json.dumps(rec, indent=1))
     model.load_state_dict(best_state)
-    va, vcls = per_class(model, vx, vy, cfg["crop"], cfg["num_classes"])
     ta, tcls = per_class(model, ex, ey, cfg["crop"], cfg["num_classes"])
-    rec = {
-        "name": name, "seed": seed, "overrides": {k: v for k, v in base.items() if k not in ("data", "init")},
-        "history": hist, "best_val_accuracy": best, "val_accuracy": va, "val_per_class": vcls,
-        "val_mean_class_accuracy": sum(vcls) / len(vcls), "final_train_accuracy": hist[-1]["train_accuracy"],
-        "test_accuracy_center": ta, "test_per_class_center": tcls,
-        "test_mean_class_accuracy_center": sum(tcls) / len(tcls),
-        "wall_s": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}__s{seed}.json").write_text(json.dumps(rec, indent=1))
+    rec.update(status="done", test_accuracy_center=ta, test_per_class_center=tcls,
+               test_mean_class_accuracy_center=sum(tcls) / len(tcls), wall_s=time.perf_counter() - t_start)
+    path.write_text(json.dumps(rec, indent=1))
     return rec
 
 

@@ -107,10 +107,28 @@ def test_report_format():
     text = A.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
                            "seeds": [0, 1], "epochs": 2, "n_test": {"rafdb": 10, "sfew": 5},
                            "model": {"pool": "lip"}, "source": None})
-    assert "| `vgg16` | VGG16 | accuracy_center | 25.00 | 81.68 | `r1` |" in text
-    assert f"| `imagenet` | + ImageNet | accuracy | {A.NO_WEIGHTS} | 86.31 | — |" in text
-    assert "| `sfew_rafdb` | SFEW | accuracy | 55.00 ± 7.07 | 57.34 | `a`, `b` |" in text
+    assert "| `vgg16` | VGG16 | accuracy_center | 25.00 | — | 81.68 | `r1` |" in text
+    assert f"| `imagenet` | + ImageNet | accuracy | {A.NO_WEIGHTS} | — | 86.31 | — |" in text
+    assert "| `sfew_rafdb` | SFEW | accuracy | 55.00 ± 7.07 | — | 57.34 | `a`, `b` |" in text
     assert text.index("Table 1") < text.index("`imagenet`") < text.index("Table 3") < text.index("`sfew_rafdb`")
+
+
+def test_rows_are_tested_against_their_reference_row():
+    rows = [A.Row("vgg16", 1, "VGG16", "accuracy_center", "s1", values=[0.70, 0.72, 0.71]),
+            A.Row("lip", 1, "+ LIP", "accuracy_center", "s2", values=[0.80, 0.82, 0.81]),
+            A.Row("ten_crop", 1, "+ ten-crop", "accuracy", "s2", values=[0.81, 0.80, 0.83]),
+            A.Row("sfew_scratch", 3, "scratch", "accuracy", "s3", values=[0.3]),
+            A.Row("sfew_rafdb", 3, "SFEW", "accuracy", "s4", values=[0.5])]
+    cmp = A.comparisons(rows)
+    assert cmp["lip"]["ref"] == "vgg16" and cmp["lip"]["verdict"] == "higher"
+    assert cmp["ten_crop"]["verdict"] == "tie"
+    assert cmp["sfew_rafdb"]["ref"] == "sfew_scratch" and cmp["sfew_rafdb"]["verdict"] == "n/a"
+    assert "vgg16" not in cmp
+    text = A.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
+                           "seeds": [0, 1, 2], "epochs": 2, "n_test": {"rafdb": 10, "sfew": 5},
+                           "model": {"pool": "lip"}, "source": None})
+    assert "`vgg16`: +10.0 pts, beyond noise (p=" in text
+    assert "`lip`: +0.3 pts, within noise (p=" in text
 
 
 def test_cli_arguments_and_errors(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ MLflow runs are kept by :mod:`pipeline.train.sweep_runs`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -187,6 +188,38 @@ def format_table(rows: list[dict[str, Any]], best_id: str | None = None) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def noise_note(rows: list[dict[str, Any]], best: dict[str, Any], seed_std: float | None = None
+               ) -> dict[str, Any]:
+    """What the single-seed trials can say: the best trial's margin over the runner-up (completed
+    trials) beside the seed spread, when one is known (``seed_std``: the sample std over seeds of
+    one configuration, e.g. a ``fer ablation --seeds 3`` row). A margin under 2 x seed_std (the
+    spread of a difference of two single runs is sqrt(2) x seed_std) is within the noise."""
+    others = sorted((r["best_val_accuracy"] for r in rows
+                     if r is not best and r["status"] == "completed" and r["best_val_accuracy"] == r["best_val_accuracy"]),
+                    reverse=True)
+    margin = best["best_val_accuracy"] - others[0] if others else None
+    out: dict[str, Any] = {"seeds_per_trial": 1, "margin_over_runner_up": None if margin is None else round(margin, 6),
+                           "seed_std": seed_std, "verdict": "n/a"}
+    if margin is not None and seed_std:
+        out["verdict"] = "beyond noise" if margin > 2 * seed_std else "within noise"
+    out["note"] = ("each trial is one training run (one seed): " + (
+        f"the best leads the runner-up by {margin * 100:.1f} pts" if margin is not None else "no runner-up")
+        + (f", {out['verdict']} (seed std {seed_std * 100:.1f} pts)" if seed_std and margin is not None
+           else "; the seed spread is unknown here (`fer ablation --seeds 3` measures it), so the "
+                "ranking is not a measured difference"))
+    return out
+
+
+def _seed_std(root: Path) -> float | None:
+    """The largest per-row seed std in reports/ablation.json (written by `fer ablation`), if any."""
+    try:
+        rows = json.loads((root / "reports" / "ablation.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    stds = [r["std"] for r in rows if isinstance(r, dict) and isinstance(r.get("std"), (int, float))]
+    return max(stds) if stds else None
+
+
 def targets(best_params: dict[str, Any], dataset: str) -> dict[str, dict[str, Any]]:
     """Where `--apply` writes each value: model keys -> `model`, the rest -> the training section."""
     out: dict[str, dict[str, Any]] = {}
@@ -335,6 +368,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
         "params": best_params, "apply": targets(best_params, dataset),
         "trials": n_done, "stopped_early": sum(r["status"] == "stopped" for r in rows),
         "wall_time_s": round(wall, 1),
+        "noise": noise_note(rows, best, _seed_std(Path(params_path).resolve().parent)),
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,6 +379,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     print(table)
     print(f"best: trial {best['trial_id']} val_accuracy {best['best_val_accuracy']:.4f} "
           f"-> {out}  ({wall:.0f} s)", flush=True)
+    print(doc["noise"]["note"], flush=True)
     c = tracking.client()
     tracking.log_metrics(ctx["parent_run_id"], {"best_val_accuracy": best["best_val_accuracy"],
                                                 "trials": n_done, "stopped_early": doc["stopped_early"],

@@ -1,0 +1,251 @@
+"""Write the README's results block and reports/{recipe,imbalance}.{json,md} from the runs they name.
+
+    python scripts/results.py            # or: make results
+
+Reads, and only reads:
+
+* `metrics/eval_rafdb.json`, `metrics/eval_sfew.json` — `dvc repro`'s ten-crop test evaluation
+  of the default models (`stages/evaluate.py`);
+* `reports/history_rafdb.json`, `reports/history_sfew.json` — their training curves;
+* `reports/ingest_rafdb.json` — split sizes and class counts;
+* `reports/runs/*.json` — comparison runs of `scripts/recipe_runs.py` (one file per name and
+  seed), grouped below by name; a name with several seeds is shown as mean ± sample std and every
+  difference is tested against the seed noise (`pipeline.noise.compare`);
+* `reports/ablation.json` — `fer ablation`, when it has been run.
+
+and rewrites the part of README.md between the two markers below. No figure is typed by hand: a
+file that is missing makes its row say so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.noise import compare, fmt_compare, fmt_pct, mean_std  # noqa: E402
+
+BEGIN, END = "<!-- results:begin (scripts/results.py writes this block) -->", "<!-- results:end -->"
+
+#: Recipe comparison (issue: "a recipe that fits"): label -> run name in reports/runs.
+RECIPE = [("default of the previous commit (cosine, lr 0.003, label smoothing 0.1, batch 32)", "e5_base"),
+          ("onecycle, lr 0.01, label smoothing 0", "e5_oc10_ls0"),
+          ("onecycle, lr 0.01, label smoothing 0, batch 16", "e5_oc10_ls0_b16")]
+#: Rare classes: label -> run name; the first is the reference.
+IMBALANCE = [("none (plain cross-entropy)", "e5_base"), ("class-weighted loss (`class_weighted: true`)", "e5_cw"),
+             ("class-balanced sampler (`sampler: balanced`)", "e5_bal"),
+             ("logit adjustment, tau 1 (`logit_adjust: 1.0`)", "e5_la")]
+MAX_ACC_DROP = 0.01  # a rare-class remedy becomes the default only if val accuracy drops <= 1 point
+
+
+def _load(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_runs(runs_dir: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in sorted(runs_dir.glob("*.json")):
+        r = _load(p)
+        if isinstance(r, dict) and "name" in r and "history" in r:
+            r["_file"] = str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
+            out.setdefault(r["name"], []).append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["seed"])
+    return out
+
+
+def summarise(runs: list[dict], classes: list[str]) -> dict:
+    """One configuration over its seeds: best val accuracy, mean class val accuracy at that epoch,
+    per-class val accuracy (mean over seeds), final train accuracy, test (centre crop)."""
+    val = [r["best_val_accuracy"] for r in runs]
+    mca = [r["val_mean_class_accuracy"] for r in runs]
+    per = [sum(r["val_per_class"][i] for r in runs) / len(runs) for i in range(len(classes))]
+    test = [r["test_accuracy_center"] for r in runs if r.get("status") == "done"]
+    return {
+        "seeds": [r["seed"] for r in runs], "epochs": runs[0].get("epochs"),
+        "epochs_done": [r.get("epochs_done", len(r["history"])) for r in runs],
+        "complete": all(r.get("status") == "done" for r in runs),
+        "overrides": runs[0].get("overrides", {}),
+        "best_val_accuracy": val, "val_mean_class_accuracy": mca,
+        "val_per_class_mean": dict(zip(classes, per)),
+        "classes_at_zero": [c for c, v in zip(classes, per) if v == 0],
+        "final_train_accuracy": [r["final_train_accuracy"] for r in runs],
+        "test_accuracy_center": test, "files": [r["_file"] for r in runs],
+    }
+
+
+def _status(s: dict) -> str:
+    done = s["epochs_done"]
+    if s["complete"]:
+        return f"{s['epochs']} epochs"
+    return f"stopped after {'/'.join(map(str, done))} of {s['epochs']} epochs"
+
+
+def table(groups: list[tuple[str, str]], runs: dict[str, list[dict]], classes: list[str]) -> tuple[list[str], dict]:
+    ref_label, ref_name = groups[0]
+    summ = {name: summarise(runs[name], classes) for _, name in groups if name in runs}
+    lines = ["| configuration | seeds | best val acc % | val mean class % | vs first row (val acc; mean class) "
+             "| classes at 0% (val) | final train acc % | test acc % (centre, reported only) | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, name in groups:
+        s = summ.get(name)
+        if s is None:
+            lines.append(f"| {label} | not run | | | | | | | `{name}` |")
+            continue
+        if name != ref_name and ref_name in summ:
+            r = summ[ref_name]
+            c1 = compare(s["best_val_accuracy"], r["best_val_accuracy"])
+            c2 = compare(s["val_mean_class_accuracy"], r["val_mean_class_accuracy"])
+            s["vs_ref"] = {"val_accuracy": c1, "val_mean_class_accuracy": c2, "ref": ref_name}
+            vs = f"{fmt_compare(c1)}; {fmt_compare(c2)}"
+        else:
+            vs = "—"
+        lines.append(
+            f"| {label} | {', '.join(map(str, s['seeds']))} ({_status(s)}) | {fmt_pct(s['best_val_accuracy'])} "
+            f"| {fmt_pct(s['val_mean_class_accuracy'])} | {vs} | {', '.join(s['classes_at_zero']) or 'none'} "
+            f"| {fmt_pct(s['final_train_accuracy'])} | {fmt_pct(s['test_accuracy_center']) if s['test_accuracy_center'] else '—'} "
+            f"| {', '.join(f'`{f}`' for f in s['files'])} |")
+    return lines, summ
+
+
+def imbalance_verdict(summ: dict) -> dict:
+    """The winner by val mean class accuracy among remedies that lose at most 1 point of val
+    accuracy against plain cross-entropy; "undecided" when the winner's gain is not beyond the
+    seed noise (or the noise is unknown: one seed)."""
+    ref = summ.get(IMBALANCE[0][1])
+    if ref is None:
+        return {"winner": None, "reason": "the reference run is missing"}
+    best, why = None, []
+    for label, name in IMBALANCE[1:]:
+        s = summ.get(name)
+        if s is None:
+            continue
+        m_acc, _ = mean_std(s["best_val_accuracy"])
+        r_acc, _ = mean_std(ref["best_val_accuracy"])
+        m_mca, _ = mean_std(s["val_mean_class_accuracy"])
+        if m_acc < r_acc - MAX_ACC_DROP:
+            why.append(f"{name}: val accuracy drops {100 * (r_acc - m_acc):.1f} pts (> 1)")
+            continue
+        if best is None or m_mca > best[1]:
+            best = (name, m_mca, s)
+    if best is None:
+        return {"winner": None, "reason": "; ".join(why) or "no remedy ran"}
+    c = best[2]["vs_ref"]["val_mean_class_accuracy"]
+    if c["verdict"] != "higher":
+        return {"winner": None, "candidate": best[0], "reason": (
+            f"{best[0]} has the highest val mean class accuracy within the 1-point accuracy budget, but "
+            f"its gain is {fmt_compare(c)}: not a measured improvement, so the default stays plain "
+            "cross-entropy"), "excluded": why}
+    return {"winner": best[0], "reason": f"val mean class accuracy {fmt_compare(c)}", "excluded": why}
+
+
+def default_block(classes: list[str]) -> list[str]:
+    ev = {ds: _load(ROOT / "metrics" / f"eval_{ds}.json") for ds in ("rafdb", "sfew")}
+    hist = {ds: _load(ROOT / "reports" / f"history_{ds}.json") for ds in ("rafdb", "sfew")}
+    ing = _load(ROOT / "reports" / "ingest_rafdb.json") or {}
+    lines = ["| figure | value | source |", "|---|---|---|"]
+    for ds, name in (("rafdb", "RAF-DB-layout synthetic"), ("sfew", "SFEW-layout synthetic, fine-tuned from the RAF-DB model")):
+        e = ev[ds]
+        if not e:
+            lines.append(f"| {name}, ten-crop test accuracy | not run | `metrics/eval_{ds}.json` missing: `make repro` |")
+            continue
+        per = e.get("per_class", {})
+        zero = [c for c, v in per.items() if v == 0]
+        lines.append(
+            f"| {name}, ten-crop test accuracy | **{100 * e['accuracy']:.1f}%** (centre crop "
+            f"{100 * e['accuracy_center']:.1f}%; mean class accuracy {100 * e['mean_class_accuracy']:.1f}%; "
+            f"n = {e['n_test']}; classes at 0%: {', '.join(zero) or 'none'}) | `metrics/eval_{ds}.json` (`make repro`) |")
+        if per:
+            lines.append(f"| {name}, per-class test accuracy (ten-crop) | "
+                         + ", ".join(f"{c} {100 * v:.0f}%" for c, v in per.items())
+                         + f" | `metrics/eval_{ds}.json` |")
+        h = hist[ds]
+        if h:
+            b = max(h, key=lambda r: r["val_accuracy"])
+            lines.append(
+                f"| {name}, best val accuracy (centre crop) / final train accuracy | {100 * b['val_accuracy']:.1f}% "
+                f"(epoch {b['epoch']} of {len(h)}) / {100 * h[-1]['train_accuracy']:.1f}%; training "
+                f"{sum(r['epoch_time_s'] for r in h):.0f} s | `reports/history_{ds}.json` |")
+    counts = (ing.get("class_counts") or {}).get("train")
+    if counts:
+        n = sum(counts.values())
+        lines.append("| RAF-DB-layout train split, class shares | "
+                     + ", ".join(f"{c} {100 * v / n:.0f}%" for c, v in counts.items())
+                     + " | `reports/ingest_rafdb.json` |")
+    return lines
+
+
+def ablation_lines() -> list[str]:
+    a = _load(ROOT / "reports" / "ablation.json")
+    if not a:
+        return ["`fer ablation` has not been run at this commit (no `reports/ablation.json`): LIP vs "
+                "VGG16-BN at the default size is not measured here; `fer ablation --seeds 3` measures it "
+                "and this block then shows it."]
+    rows = {r["key"]: r for r in a["rows"]}
+    cmp = a.get("comparisons", {})
+    out = [f"`fer ablation` (id `{a['meta'].get('ablation_id')}`, seeds {a['meta'].get('seeds')}, "
+           f"`reports/ablation.md`):", ""]
+    for k in ("vgg16", "lip", "ten_crop", "attention_off", "attention_on"):
+        r = rows.get(k)
+        if r and r.get("values"):
+            vs = f" — vs `{cmp[k]['ref']}`: {fmt_compare(cmp[k])}" if k in cmp else ""
+            out.append(f"- `{k}` ({r['label']}, {r['metric']}): {fmt_pct(r['values'])}%{vs}")
+    c = cmp.get("lip")
+    if c:
+        word = {"higher": "helps", "lower": "hurts", "tie": "ties (within the seed noise)",
+                "n/a": "cannot be judged (one seed)"}[c["verdict"]]
+        out += ["", f"LIP at this size {word}: {fmt_compare(c)}."]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--runs", default=str(ROOT / "reports" / "runs"))
+    a = p.parse_args()
+    from pipeline.data.classes import CLASSES
+
+    classes = list(CLASSES)
+    runs = load_runs(Path(a.runs))
+    rec_lines, rec = table(RECIPE, runs, classes)
+    imb_lines, imb = table(IMBALANCE, runs, classes)
+    verdict = imbalance_verdict(imb)
+    how = ("Runs of `scripts/recipe_runs.py` (the worker's training step, augmentation and losses in one "
+           "process, world size 1; the pipeline itself trains on 2 Ray workers), chosen by val accuracy; "
+           "the test split only reports. Figures: mean ± sample std over seeds where there are several; "
+           "a difference is *beyond noise* at p < 0.05 (Welch's t over seeds), with one seed the noise is "
+           "unknown.")
+    (ROOT / "reports").mkdir(exist_ok=True)
+    (ROOT / "reports" / "recipe.json").write_text(json.dumps({"runs": rec}, indent=1))
+    (ROOT / "reports" / "imbalance.json").write_text(json.dumps({"runs": imb, "verdict": verdict,
+                                                                 "max_accuracy_drop": MAX_ACC_DROP}, indent=1))
+    imb_md = ["# Rare classes on the RAF-DB-layout synthetic set", "", how, "", *imb_lines, "",
+              f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}."]
+    (ROOT / "reports" / "imbalance.md").write_text("\n".join(imb_md) + "\n")
+    rec_md = ["# Recipe comparison on the RAF-DB-layout synthetic set", "", how, "", *rec_lines, ""]
+    (ROOT / "reports" / "recipe.md").write_text("\n".join(rec_md) + "\n")
+
+    block = [BEGIN, "", "### The embedded default (synthetic faces, CPU)", "", *default_block(classes), "",
+             "### Recipe comparison (`reports/recipe.md`)", "", how, "", *rec_lines, "",
+             "### Rare classes (`reports/imbalance.md`)", "", *imb_lines, "",
+             f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}.", "",
+             "### LIP vs VGG16-BN at the default size", "", *ablation_lines(), "", END]
+    readme = Path(a.readme)
+    text = readme.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + "\n".join(block) + rest.split(END, 1)[1]
+    else:
+        raise SystemExit(f"{readme}: markers not found; put these two lines where the block goes:\n{BEGIN}\n{END}")
+    readme.write_text(text)
+    print(f"wrote {readme} (results block), reports/recipe.{{json,md}}, reports/imbalance.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
