@@ -1,7 +1,15 @@
 """Session-wide test environment: importing the package first sets its environment defaults (no
 MLflow telemetry, no Ray auth token, MLflow network timeouts) before either library is used;
 MLflow stores are per-test temp dirs, never the repo root."""
-import pipeline  # noqa: F401
+import os
+
+# amp "auto" turns bf16 autocast on for CPUs with native bf16 (AMX / AVX512-BF16): the suite's
+# exact comparisons (batch-size independence, ONNX vs torch, resumed runs) assume fp32 kernels, so
+# every CI machine runs them in fp32; the bf16 paths are tested by forcing amp on
+# (tests/test_gpu_paths.py). Inherited by the stages, Ray workers and servers tests start.
+os.environ["FER_CPU_BF16"] = "0"
+
+import pipeline  # noqa: E402,F401
 
 
 def stop_process_group(proc, timeout: float = 30) -> None:

@@ -260,3 +260,13 @@ def test_gpu_ten_crop_evaluation_equals_cpu(assets):
 
 def test_gpu_marker_is_registered(pytestconfig):
     assert any(m.startswith("gpu:") for m in pytestconfig.getini("markers"))
+
+
+def test_cpu_bf16_detection_can_be_forced(monkeypatch):
+    from pipeline.train.config import cpu_has_native_bf16
+
+    monkeypatch.setenv("FER_CPU_BF16", "1")
+    assert cpu_has_native_bf16() and resolve_amp("auto", "cpu")
+    monkeypatch.setenv("FER_CPU_BF16", "0")
+    assert not cpu_has_native_bf16() and not resolve_amp("auto", "cpu")
+    assert resolve_amp("auto", "cuda")  # CUDA does not depend on it
