@@ -200,8 +200,8 @@ def default_block(classes: list[str]) -> list[str]:
             b = max(h, key=lambda r: r["val_accuracy"])
             lines.append(
                 f"| {name}, best val accuracy (centre crop) / final train accuracy | {100 * b['val_accuracy']:.1f}% "
-                f"(epoch {b['epoch']} of {len(h)}) / {100 * h[-1]['train_accuracy']:.1f}%; training "
-                f"{sum(r['epoch_time_s'] for r in h):.0f} s | `reports/history_{ds}.json` |")
+                f"(epoch {b['epoch']} of {len(h)}) / {100 * h[-1]['train_accuracy']:.1f}% "
+                f"| `reports/history_{ds}.json` |")  # times are the session's: MLflow, not the file
     counts = (ing.get("class_counts") or {}).get("train")
     if counts:
         n = sum(counts.values())

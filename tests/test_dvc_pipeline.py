@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,56 @@ def test_dvc_exp_run_compares_with_the_committed_baseline(repro):
     old_v, new_v, change = map(float, row[0][2:])
     assert old_v == pytest.approx(base, abs=1e-4) and new_v == pytest.approx(new, abs=1e-4), text
     assert change == pytest.approx(new - base, abs=1e-4), text
+
+
+@pytest.mark.slow
+def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
+    """`dvc exp run --queue` of three parameter sets, `dvc queue start -j 2`: every experiment
+    completes with its own metrics in `dvc exp show` and its own MLflow training run, and the two
+    that ran at once did not share Ray storage or outputs (each history has its own length)."""
+    import mlflow
+
+    work, run = repro
+    db = tmp_path / "queue-mlflow.db"  # one store for the queue's workers (each runs in a temp copy)
+    env_uri = f"sqlite:///{db}"
+
+    def qrun(*cmd, timeout=1500):
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "DVC_SITE_CACHE_DIR": str(work.parent / "dvc-site"), "DVC_NO_ANALYTICS": "1",
+               "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "MLFLOW_TRACKING_URI": env_uri,
+               **{f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER")
+                  for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}}
+        env.pop("RAY_ADDRESS", None)
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+
+    epochs = {"q-e1": 1, "q-e2": 2, "q-e3": 3}
+    for name, n in epochs.items():
+        r = qrun("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train_rafdb.epochs={n}",
+                 "evaluate@rafdb")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = qrun("dvc", "queue", "start", "-j", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    deadline = time.time() + 1500
+    while time.time() < deadline:
+        st = qrun("dvc", "queue", "status").stdout
+        if not any(s in st for s in ("Queued", "Running")):
+            break
+        time.sleep(10)
+    st = qrun("dvc", "queue", "status").stdout
+    assert st.count("Success") == 3, st + "\n" + "\n".join(
+        qrun("dvc", "queue", "logs", n).stdout[-2000:] for n in epochs)
+
+    shown = json.loads(qrun("dvc", "exp", "show", "--json").stdout)
+    by_name = {r["name"]: r for r in _exp_rows(shown) if r["name"]}
+    for name in epochs:
+        assert name in by_name and by_name[name]["accuracy"] is not None, by_name
+
+    client = mlflow.tracking.MlflowClient(env_uri)
+    exp = client.get_experiment_by_name(yaml.safe_load((work / "params.yaml").read_text())["mlflow"]["experiment"])
+    train = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "train_rafdb"]
+    assert sorted(int(r.data.params["epochs"]) for r in train) == [1, 2, 3], [r.data.params for r in train]
+    for r in train:
+        assert r.info.status == "FINISHED"
+        hist = client.get_metric_history(r.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in hist) == list(range(1, int(r.data.params["epochs"]) + 1))

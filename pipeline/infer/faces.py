@@ -196,11 +196,32 @@ def _eye_pair(gray_rot: np.ndarray, box) -> np.ndarray | None:
     return None
 
 
+def _dark_spot(gray: np.ndarray, x0: int, x1: int, y0: int, y1: int, sigma: float,
+               min_contrast: float, disc: float) -> list[float] | None:
+    """The darkest blob (pupil, iris) in ``gray[y0:y1, x0:x1]``, in photo coordinates, or None
+    without a clear one. A difference of Gaussians favours blobs over dark lines (brows, lids);
+    the sub-pixel centre is the centroid of darkness in a disc of ``disc * sigma`` around the
+    minimum."""
+    import cv2
+
+    win = gray[y0:y1, x0:x1].astype(np.float32)
+    if win.shape[0] < 3 or win.shape[1] < 3:
+        return None
+    sm = cv2.GaussianBlur(win, (0, 0), sigma) - cv2.GaussianBlur(win, (0, 0), 3 * sigma)
+    if float(np.median(sm) - sm.min()) < min_contrast:
+        return None
+    iy, ix = np.unravel_index(int(np.argmin(sm)), sm.shape)
+    r = max(int(round(disc * sigma)), 1)
+    ys, xs = np.mgrid[max(iy - r, 0):min(iy + r + 1, sm.shape[0]), max(ix - r, 0):min(ix + r + 1, sm.shape[1])]
+    wgt = np.clip(np.median(sm) - sm[ys, xs], 0, None)
+    if wgt.sum() <= 0:
+        return None
+    return [x0 + (xs * wgt).sum() / wgt.sum(), y0 + (ys * wgt).sum() / wgt.sum()]
+
+
 def _dark_eyes(gray_rot: np.ndarray, box) -> np.ndarray | None:
     """Eye centres as the darkest spots (pupil, iris) near where a Haar box expects them, or
     None when neither side has a clear dark spot. Used when the eye cascades miss."""
-    import cv2
-
     x, y, w, h = box
     H, W = gray_rot.shape[:2]
     sigma = max(w * 0.025, 0.8)
@@ -209,21 +230,10 @@ def _dark_eyes(gray_rot: np.ndarray, box) -> np.ndarray | None:
         px, py = x + fx * w, y + fy * h
         x0, x1 = int(max(px - 0.11 * w, 0)), int(min(px + 0.11 * w + 1, W))
         y0, y1 = int(max(py - 0.07 * h, 0)), int(min(py + 0.08 * h + 1, H))
-        win = gray_rot[y0:y1, x0:x1].astype(np.float32)
-        if win.shape[0] < 3 or win.shape[1] < 3:
+        spot = _dark_spot(gray_rot, x0, x1, y0, y1, sigma, min_contrast=12, disc=2)
+        if spot is None:
             return None
-        # dark blobs (pupil, iris) over dark lines (brows, lids): a difference of Gaussians
-        sm = cv2.GaussianBlur(win, (0, 0), sigma) - cv2.GaussianBlur(win, (0, 0), 3 * sigma)
-        if float(np.median(sm) - sm.min()) < 12:  # no clear dark spot
-            return None
-        iy, ix = np.unravel_index(int(np.argmin(sm)), sm.shape)
-        # sub-pixel: centroid of darkness in a small disc around the minimum
-        r = max(int(round(2 * sigma)), 1)
-        ys, xs = np.mgrid[max(iy - r, 0):min(iy + r + 1, sm.shape[0]), max(ix - r, 0):min(ix + r + 1, sm.shape[1])]
-        wgt = np.clip(np.median(sm) - sm[ys, xs], 0, None)
-        if wgt.sum() <= 0:
-            return None
-        out.append([x0 + (xs * wgt).sum() / wgt.sum(), y0 + (ys * wgt).sum() / wgt.sum()])
+        out.append(spot)
     pair = np.array(out)
     dx, dy = pair[1] - pair[0]
     if not (0.2 * w <= dx <= 0.5 * w) or abs(dy) > 0.2 * dx:
@@ -270,27 +280,16 @@ def locate(image: np.ndarray, *, angles=ANGLES, min_size: int = 24, max_faces: i
 def _dark_near(gray: np.ndarray, eyes: np.ndarray, iod: float) -> np.ndarray | None:
     """Each eye as the darkest blob (pupil, iris: a difference of Gaussians) within a fifth of
     the eye distance of a level rough eye position; None when one side has no clear dark spot."""
-    import cv2
-
     sigma = max(iod * 0.05, 0.8)
     H, W = gray.shape[:2]
     out = []
     for px, py in eyes:
         x0, x1 = int(max(px - 0.22 * iod, 0)), int(min(px + 0.22 * iod + 1, W))
         y0, y1 = int(max(py - 0.18 * iod, 0)), int(min(py + 0.18 * iod + 1, H))
-        win = gray[y0:y1, x0:x1].astype(np.float32)
-        if win.shape[0] < 3 or win.shape[1] < 3:
+        spot = _dark_spot(gray, x0, x1, y0, y1, sigma, min_contrast=8, disc=1.5)
+        if spot is None:
             return None
-        sm = cv2.GaussianBlur(win, (0, 0), sigma) - cv2.GaussianBlur(win, (0, 0), 3 * sigma)
-        if float(np.median(sm) - sm.min()) < 8:
-            return None
-        iy, ix = np.unravel_index(int(np.argmin(sm)), sm.shape)
-        r = max(int(round(1.5 * sigma)), 1)
-        ys, xs = np.mgrid[max(iy - r, 0):min(iy + r + 1, sm.shape[0]), max(ix - r, 0):min(ix + r + 1, sm.shape[1])]
-        wgt = np.clip(np.median(sm) - sm[ys, xs], 0, None)
-        if wgt.sum() <= 0:
-            return None
-        out.append([x0 + (xs * wgt).sum() / wgt.sum(), y0 + (ys * wgt).sum() / wgt.sum()])
+        out.append(spot)
     return np.array(out)
 
 

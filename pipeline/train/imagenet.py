@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,9 +82,9 @@ def imagenet_loop_per_worker(config: dict) -> None:
 
     from pipeline.data.loader import normalize
     from pipeline.model import checkpoint, lip_vgg16
-    from pipeline.train.worker import (CONFIG_FILE, _all_reduce, _cpu_state, _maybe_fail, _rng_state,
-                                       _say, _set_rng_state, _sync_buffers, _unwrap, lr_lambda,
-                                       make_optimizer, train_step)
+    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, _set_rng_state,
+                                       _sync_buffers, _unwrap, end_epoch, lr_lambda, make_optimizer,
+                                       train_step)
 
     cfg = config
     ctx = ray.train.get_context()
@@ -198,27 +197,16 @@ def imagenet_loop_per_worker(config: dict) -> None:
             "worker_rss_peak_mb": peak, "worker_rss_growth_mb": growth,
         }
         history.append(metrics)
-        if rank == 0:
-            _say(f"{cfg['phase']} epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
-                 f"acc {metrics['train_accuracy']:.3f}  top1 {metrics['top1']:.3f}  top5 "
-                 f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
-                 f"{peak:.0f} MB")
-            if on_epoch is not None:
-                try:
-                    on_epoch(metrics, epoch)
-                except Exception as e:  # tracking must never kill training
-                    _say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
-            if rank == 0:
-                checkpoint.save_state(d, {
-                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                    "model_config": dict(cfg["model_config"]),
-                })
-                (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        end_epoch(rank, epoch, metrics, on_epoch, cfg, line=(
+            f"{cfg['phase']} epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+            f"acc {metrics['train_accuracy']:.3f}  top1 {metrics['top1']:.3f}  top5 "
+            f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
+            f"{peak:.0f} MB"),
+            state=lambda: {
+                "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                "model_config": dict(cfg["model_config"]),
+            })
 
 
 # ---------------------------------------------------------------------------- the driver

@@ -156,6 +156,31 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _unwrap(model).state_dict().items()}
 
 
+def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, cfg: dict, *, line: str,
+              state: Callable[[], dict]) -> None:
+    """The end of every training loop's epoch: rank 0 prints ``line`` and logs the metrics
+    (tracking never kills training); then one Ray checkpoint that every rank writes into (Ray
+    merges them): each rank its RNG state, rank 0 the training ``state()`` and the run's config."""
+    from pipeline.model import checkpoint
+
+    if rank == 0:
+        _say(line)
+        if on_epoch is not None:
+            try:
+                on_epoch(metrics, epoch)
+            except Exception as e:
+                _say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            checkpoint.save_state(d, state())
+            (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
 def _maybe_fail(cfg: dict, epoch: int, rank: int) -> None:
     """Test hook: fail once at `_fail_at_epoch` on `_fail_rank`, remembered by a marker file."""
     at, marker = cfg.get("_fail_at_epoch"), cfg.get("_fail_marker")
@@ -261,8 +286,9 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             from pipeline.tracking import log_epoch
 
-            def on_epoch(m: dict, e: int) -> None:
+            def _log(m: dict, e: int) -> None:
                 log_epoch(cfg["mlflow_run_id"], m, e)
+            on_epoch = _log
         except ImportError as e:
             _say(f"warning: no per-epoch MLflow logging ({e})")
 
@@ -301,28 +327,16 @@ def train_loop_per_worker(config: dict) -> None:
             "best_epoch": best_epoch, "n_val": int(vn), "session_start_epoch": start,
         }
         history.append(metrics)
-        if rank == 0:
-            _say(f"epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
-                 f"acc {metrics['train_accuracy']:.3f}  val_acc {val_acc:.3f}  lr {lr:.2e}  "
-                 f"{metrics['images_per_s']:.1f} img/s" + ("  (early stop)" if stopped else ""))
-            if on_epoch is not None:
-                try:
-                    on_epoch(metrics, epoch)
-                except Exception as e:  # tracking must never kill training
-                    _say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
-
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
-            if rank == 0:
-                checkpoint.save_state(d, {
-                    "model": _cpu_state(raw), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch,
-                    "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
-                    "bad_epochs": bad, "stopped": stopped, "history": history,
-                    "model_config": dict(cfg["model_config"]), "image_size": int(tx.shape[-1]),
-                })
-                (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        end_epoch(rank, epoch, metrics, on_epoch, cfg, line=(
+            f"epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+            f"acc {metrics['train_accuracy']:.3f}  val_acc {val_acc:.3f}  lr {lr:.2e}  "
+            f"{metrics['images_per_s']:.1f} img/s" + ("  (early stop)" if stopped else "")),
+            state=lambda: {
+                "model": _cpu_state(raw), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
+                "bad_epochs": bad, "stopped": stopped, "history": history,
+                "model_config": dict(cfg["model_config"]), "image_size": int(tx.shape[-1]),
+            })
         if stopped:
             break
