@@ -51,7 +51,7 @@ def _predict(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from pipeline.infer.export import export_command
+    from pipeline.infer.cli import export_command
 
     export_command(a)
 

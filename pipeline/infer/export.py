@@ -138,26 +138,3 @@ class OnnxPredictor:
         from pipeline.infer.predictor import Predictor
 
         return Predictor.predict_faces(self, faces)
-
-
-def export_command(args) -> None:
-    """`fer export --onnx OUT [--model CKPT|URI] [--log]`."""
-    from pipeline.infer.photo import load_predictor
-
-    if not args.onnx:
-        raise FerError("say what to export: --onnx model.onnx")
-    if args.model and str(args.model).lower().endswith(".onnx"):
-        raise FerError(f"--model {args.model} is already an ONNX file")
-    predictor = load_predictor(args.model, "cpu")
-    log = getattr(args, "log", False)
-    if log and not str(args.model or "").startswith("models:/"):
-        raise FerError("--log logs the file beside a registered version: name it with "
-                       "--model models:/NAME/VERSION or models:/NAME@ALIAS")
-    path = export_onnx(predictor, args.onnx, opset=args.opset)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input uint8 [N, 3, "
-          f"{predictor.image_size}, {predictor.image_size}], ten-crop probabilities of "
-          f"{len(predictor.classes)} classes)")
-    if log:
-        from pipeline.infer.registry import log_onnx
-
-        print(f"logged beside {args.model}: {log_onnx(args.model, path)}")
