@@ -58,12 +58,35 @@ def sqlite_root(uri: str) -> Path | None:
     return Path(db).resolve().parent
 
 
+_READY: set[str] = set()
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """MLflow creates a new SQLite store's tables on first use, and two processes doing that at
+    once (``dvc queue start -j 2`` on a fresh store) fail in its migrations: the first use in each
+    process takes an exclusive lock on ``<db>.lock`` beside the file."""
+    if uri in _READY or sqlite_root(uri) is None:
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates or migrates
+    _READY.add(uri)
+
+
 def client():
     """An ``MlflowClient`` on :func:`tracking_uri` (the registry follows it unless
     ``MLFLOW_REGISTRY_URI`` says otherwise)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    uri = tracking_uri()
+    _create_sqlite_store_once(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 @contextlib.contextmanager
