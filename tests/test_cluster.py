@@ -1,4 +1,5 @@
 """How many CPUs/GPUs a training run's workers get, and how many runs fit side by side."""
+import logging
 import pytest
 
 from pipeline.cluster import concurrency, worker_resources
@@ -88,3 +89,38 @@ def test_private_instance_unless_ray_address(tmp_path):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def _record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord("ray.train.x", logging.WARNING, __file__, 1, msg, (), exc_info)
+
+
+def test_peer_failures_become_one_line_and_other_errors_keep_their_traceback():
+    import ray.exceptions
+
+    from pipeline.cluster import _PeerFailureFilter
+
+    f, fmt = _PeerFailureFilter(), logging.Formatter()
+    died = ray.exceptions.ActorDiedError()
+    rec = _record("Graceful shutdown of backend failed.", died)
+    assert f.filter(rec) and rec.exc_info is None
+    out = fmt.format(rec)
+    assert "\n" not in out and out.startswith("Graceful shutdown of backend failed. [ActorDiedError")
+
+    gloo = ("Error in training function:\nTraceback (most recent call last):\n  File \"w.py\", line 1\n"
+            "RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:63628: "
+            "Connection reset by peer.\n")
+    rec = _record(gloo)
+    assert f.filter(rec)
+    out = fmt.format(rec)
+    assert "\n" not in out and "a peer worker went away" in out and "Connection reset by peer" in out
+
+    bug = "Error in training function:\nTraceback (most recent call last):\nZeroDivisionError: division by zero\n"
+    rec = _record(bug)
+    assert f.filter(rec) and fmt.format(rec) == bug  # a bug in the loop keeps its traceback
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        rec = logging.LogRecord("ray.train.x", logging.ERROR, __file__, 1, "failed", (), (ValueError, e, e.__traceback__))
+    assert f.filter(rec) and "Traceback" in fmt.format(rec)
