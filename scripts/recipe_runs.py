@@ -82,7 +82,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}__s{seed}.json"
     rec = {"name": name, "seed": seed, "epochs": cfg["epochs"], "status": "running",
-           "overrides": {k: v for k, v in base.items() if k not in ("data", "init")},
+           "init": base["init"], "overrides": {k: v for k, v in base.items() if k not in ("data", "init")},
            "torch_threads": torch.get_num_threads()}
     for epoch in range(1, cfg["epochs"] + 1):
         model.train()

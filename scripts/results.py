@@ -31,9 +31,16 @@ from pipeline.noise import compare, fmt_compare, fmt_pct, mean_std  # noqa: E402
 BEGIN, END = "<!-- results:begin (scripts/results.py writes this block) -->", "<!-- results:end -->"
 
 #: Recipe comparison (issue: "a recipe that fits"): label -> run name in reports/runs.
-RECIPE = [("the default recipe (cosine, lr 0.003, label smoothing 0.1, batch 32), at 5 epochs", "e5_base"),
+RECIPE = [("the old default recipe (width 0.125, 100 px / 90 crops, cosine, lr 0.003, label smoothing 0.1, "
+           "batch 32), at 5 epochs", "e5_base"),
           ("onecycle, lr 0.01, label smoothing 0, at 5 epochs", "e5_oc10_ls0"),
-          ("onecycle, lr 0.01, label smoothing 0, batch 16, at 5 epochs", "e5_oc10_ls0_b16")]
+          ("onecycle, lr 0.01, label smoothing 0, batch 16, at 5 epochs", "e5_oc10_ls0_b16"),
+          ("onecycle, lr 0.01, label smoothing 0, 24 epochs (width 0.125, 100 px / 90 crops)", "e24_oc10_ls0"),
+          ("width 0.25, 56 px / 48 crops, onecycle, lr 0.01, label smoothing 0, 30 epochs", "e30_w25_s56_oc10_ls0"),
+          ("the same with lr 0.003", "e30_w25_s56_lr3"),
+          ("the same (lr 0.01) with max pooling instead of LIP", "e30_w25_s56_max"),
+          ("**the new default**: width 0.25, 56 px / 48 crops, onecycle, lr 0.01, label smoothing 0, "
+           "60 epochs", "e60_w25_s56")]
 #: Rare classes: label -> run name; the first is the reference.
 IMBALANCE = [("none (plain cross-entropy)", "e5_base"), ("class-weighted loss (`class_weighted: true`)", "e5_cw"),
              ("class-balanced sampler (`sampler: balanced`)", "e5_bal"),
@@ -128,7 +135,8 @@ def commands(names: list[str], runs: dict[str, list[dict]]) -> list[str]:
         ov = runs[name][0].get("overrides", {})
         sets = " ".join(f"{k}={json.dumps(v)}" for k, v in ov.items() if k != "seed" and base.get(k) != v)
         seeds = " ".join(str(r["seed"]) for r in runs[name])
-        out.append(f"    python scripts/recipe_runs.py --data data/parquet/rafdb --init models/imagenet_init.pt "
+        init = runs[name][0].get("init", "models/imagenet_init.pt")  # files before it was recorded: that
+        out.append(f"    python scripts/recipe_runs.py --data data/parquet/rafdb --init {init} "
                    f"--out reports/runs --name {name} --seeds {seeds}" + (f" --set {sets}" if sets else ""))
     return out
 

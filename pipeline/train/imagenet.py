@@ -82,7 +82,7 @@ def imagenet_loop_per_worker(config: dict) -> None:
 
     from pipeline.data.loader import normalize
     from pipeline.model import checkpoint, lip_vgg16
-    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, _set_rng_state,
+    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, resume,
                                        _sync_buffers, _unwrap, end_epoch, lr_lambda, make_optimizer,
                                        train_step)
 
@@ -115,19 +115,8 @@ def imagenet_loop_per_worker(config: dict) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
 
     start, history = 1, []
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            st = checkpoint.read_state(d)
-            rng_file = Path(d) / f"rng_rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
-        raw.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+    if (st := resume(ckpt, rank, raw, optimizer, scheduler)) is not None:
         start, history = st["epoch"] + 1, st["history"]
-        if rng is not None:
-            _set_rng_state(rng)
-        if rank == 0:
-            _say(f"resumed from checkpoint after epoch {st['epoch']}")
     else:
         torch.manual_seed(seed * 1000 + rank)
 

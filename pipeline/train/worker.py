@@ -142,6 +142,27 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def resume(ckpt, rank: int, raw: nn.Module, optimizer, scheduler) -> dict | None:
+    """Continue from Ray's checkpoint (None: a fresh start): model, optimiser, schedule and this
+    rank's RNG state are restored; the training state dict is returned for the loop's own fields."""
+    from pipeline.model import checkpoint
+
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        st = checkpoint.read_state(d)
+        rng_file = Path(d) / f"rng_rank{rank}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+    raw.load_state_dict(st["model"])
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["scheduler"])
+    if rng is not None:
+        _set_rng_state(rng)
+    if rank == 0:
+        _say(f"resumed from checkpoint after epoch {st['epoch']}")
+    return st
+
+
 def _say(msg: str) -> None:
     """Print once: Ray Train V2 patches `print` to tee into its logger, which shows lines twice."""
     sys.stdout.write(msg + "\n")
@@ -261,21 +282,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(seed * 1000 + rank)  # dropout etc. differ per rank
     random.seed(seed * 1000 + rank)
     start, best_acc, best_epoch, best_state, bad, stopped, history = 1, -1.0, 0, None, 0, False, []
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            st = checkpoint.read_state(d)
-            rng_file = Path(d) / f"rng_rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
-        raw.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+    if (st := resume(ckpt, rank, raw, optimizer, scheduler)) is not None:
         start = st["epoch"] + 1
         best_acc, best_epoch, best_state = st["best_val_accuracy"], st["best_epoch"], st["best_state"]
         bad, stopped, history = st["bad_epochs"], st["stopped"], st["history"]
-        if rng is not None:
-            _set_rng_state(rng)
-        if rank == 0:
-            _say(f"resumed from checkpoint after epoch {st['epoch']}")
     if stopped:
         return  # early-stopped before: the last checkpoint already holds the final state
 
