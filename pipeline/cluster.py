@@ -71,7 +71,7 @@ class _PeerFailureFilter(logging.Filter):
 
 #: What a collective raises in the survivors when a peer process or its node died (gloo, NCCL).
 _PEER_GONE = re.compile(r"Connection (reset|closed) by peer|NCCL communicator was aborted"
-                                      r"|remote process exited or there was a network error")
+                        r"|remote process exited or there was a network error")
 
 
 def one_line_peer_failures() -> None:
