@@ -48,14 +48,20 @@ def tracking_uri() -> str:
     return "sqlite:///" + str(repo_root() / "mlflow.db")
 
 
-def sqlite_root(uri: str) -> Path | None:
-    """The folder holding a ``sqlite:///`` store's database file (None for other stores)."""
+def sqlite_file(uri: str) -> Path | None:
+    """A ``sqlite:///`` store's database file (None for other stores and in-memory ones)."""
     if not uri.startswith("sqlite:///"):
         return None
     db = uri[len("sqlite:///"):]
     if not db or db == ":memory:":
         return None
-    return Path(db).resolve().parent
+    return Path(db).resolve()
+
+
+def sqlite_root(uri: str) -> Path | None:
+    """The folder holding a ``sqlite:///`` store's database file (None for other stores)."""
+    db = sqlite_file(uri)
+    return db.parent if db is not None else None
 
 
 _READY: set[str] = set()
@@ -65,13 +71,13 @@ def _create_sqlite_store_once(uri: str) -> None:
     """MLflow creates a new SQLite store's tables on first use, and two processes doing that at
     once (``dvc queue start -j 2`` on a fresh store) fail in its migrations: the first use in each
     process takes an exclusive lock on ``<db>.lock`` beside the file."""
-    if uri in _READY or sqlite_root(uri) is None:
+    db = None if uri in _READY else sqlite_file(uri)
+    if db is None:
         return
     import fcntl
 
     from mlflow import MlflowClient
 
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -28,10 +28,11 @@ def load_predictor(model: str | None, device: str | None = None):
     if model is None:
         model = DEFAULT_MODELS[0] if Path(DEFAULT_MODELS[0]).is_file() else DEFAULT_MODELS[1]
     if model.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import sqlite_root, tracking_uri
+        from pipeline.tracking import sqlite_file, tracking_uri
 
         uri = tracking_uri()
-        if sqlite_root(uri) and not Path(uri[len("sqlite:///"):]).is_file():
+        db = sqlite_file(uri)
+        if db is not None and not db.is_file():
             raise FerError(f"no model at {model}: the MLflow store {uri} does not exist yet "
                            "(run the pipeline, or pass --model path/to/model.pt)")
     with checkpoint_path(model) as ckpt:
