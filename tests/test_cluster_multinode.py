@@ -34,7 +34,7 @@ from test_dvc_pipeline import _copy_repo, _merge
 BIN = Path(sys.executable).parent
 BUCKET = "fer-shared"
 EPOCHS = 5
-KILL_AFTER = 2  # the kill comes once epoch 2's checkpoint is committed: epoch 3 is in flight
+KILL_AFTER = 2  # the kill comes once epoch 2's checkpoint is registered
 
 TINY = {
     "synth": {"rafdb": {"n": 280, "seed": 0}, "sfew": {"n": 70, "seed": 1}},
@@ -217,11 +217,13 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
         print(f"resumed after epoch {resumed[0]}")
         history = json.loads((work / "reports/history_rafdb.json").read_text())
         assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-        # each epoch line shows once (not once per node); only the epoch in flight at the kill may
-        # have run twice, and then it gave the same loss and accuracies (all but the speed)
+        # each epoch line shows once (not once per node). Epochs after the checkpoint resumed from
+        # may show twice: the survivors go on until Ray declares the node dead (seconds), and what
+        # they report then is not registered. A rerun epoch gives the same loss and accuracies
+        # (all but the speed): it starts from the same checkpoint and seed.
         for e in range(1, EPOCHS + 1):
             lines = re.findall(rf"epoch {e}/{EPOCHS}  (loss .*)  [\d.]+ img/s", out)
-            assert len(lines) in ({1, 2} if e == resumed[0] + 1 else {1}), (e, lines, resumed)
+            assert len(lines) in ({1, 2} if e > resumed[0] else {1}), (e, lines, resumed)
             assert len(set(lines)) == 1, (e, lines)
         # a dead node is one line per dead worker in the controller's log, not a traceback
         controller = [ln for ln in out.splitlines() if "(TrainController" in ln]

@@ -190,7 +190,7 @@ def test_dvc_exp_run_compares_with_the_committed_baseline(repro):
 
 @pytest.mark.slow
 def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
-    """`dvc exp run --queue` of three parameter sets, `dvc queue start -j 2`: every experiment
+    """`dvc exp run --queue` of two parameter sets, `dvc queue start -j 2`: every experiment
     completes with its own metrics in `dvc exp show` and its own MLflow training run, and the two
     that ran at once did not share Ray storage or outputs (each history has its own length)."""
     import mlflow
@@ -202,7 +202,7 @@ def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
     def qrun(*cmd, timeout=1500):
         return run(*cmd, timeout=timeout, MLFLOW_TRACKING_URI=env_uri)
 
-    epochs = {"q-e1": 1, "q-e2": 2, "q-e3": 3}
+    epochs = {"q-e1": 1, "q-e2": 2}
     for name, n in epochs.items():
         # a seed no other test uses: an epochs value another test already ran would be restored from
         # DVC's run cache (shared by the module's fixture) without training, and log no MLflow run
@@ -218,7 +218,7 @@ def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
             break
         time.sleep(10)
     st = qrun("dvc", "queue", "status").stdout
-    assert st.count("Success") == 3, st + "\n" + "\n".join(
+    assert st.count("Success") == len(epochs), st + "\n" + "\n".join(
         qrun("dvc", "queue", "logs", n).stdout[-2000:] for n in epochs)
 
     shown = json.loads(qrun("dvc", "exp", "show", "--json").stdout)
@@ -229,7 +229,7 @@ def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
     client = mlflow.tracking.MlflowClient(env_uri)
     exp = client.get_experiment_by_name(yaml.safe_load((work / "params.yaml").read_text())["mlflow"]["experiment"])
     train = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "train_rafdb"]
-    assert sorted(int(r.data.params["epochs"]) for r in train) == [1, 2, 3], [r.data.params for r in train]
+    assert sorted(int(r.data.params["epochs"]) for r in train) == [1, 2], [r.data.params for r in train]
     for r in train:
         assert r.info.status == "FINISHED"
         hist = client.get_metric_history(r.info.run_id, "val_accuracy")
