@@ -186,7 +186,7 @@ class _Runner:
             init = "none"
         elif spec.init == "imagenet":
             cfg0 = TrainConfig.from_dict({**opts, "data": "x"})
-            init = str(_init_path(self.work, cfg0.model_config(), self.source))
+            init = str(_init_path(self.work, cfg0.network(), self.source))
         else:
             init = self.results[(spec.init[5:], seed)]["model_path"]
         # A fresh Train run per invocation (never a stale model from older code or data).
@@ -207,7 +207,7 @@ class _Runner:
                 params=cfg.to_dict(),
                 tags={"mlflow.parentRunId": self.parent, "ablation_row": ",".join(spec.rows),
                       "ablation_spec": spec.key, "ablation_id": self.ablation_id, "seed": seed}) as run_id:
-            cfg.mlflow_run_id = run_id
+            cfg = cfg.model_copy(update={"mlflow_run_id": run_id})
             summary = run_training(cfg)
             ev = section(self.params, "evaluate") if "evaluate" in self.params else {}
             metrics, _ = evaluate_checkpoint(summary["model_path"], cfg.data, split="test",

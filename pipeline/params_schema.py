@@ -1,34 +1,45 @@
-"""The one typed schema of params.yaml, so that a wrong value fails in one line naming its key
-instead of as a traceback deep inside a stage. Training values keep a single rule: their types are
-declared here, their ranges are TrainConfig's own checks."""
+"""The one typed schema of params.yaml and of a training run's config, so that a wrong value fails
+in one line naming its key instead of as a traceback deep inside a stage.
+
+Every rule is written once, here, as a pydantic field (its description is the message) or as a
+cross-field rule in `cross_problems`: `pipeline.config.load_params` checks the file with it, and
+`pipeline.train.config.TrainConfig` checks a run (model + ray + a training section + what the
+stage adds) with the same fields.
+"""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.train.config import ATTENTIONS, HEADS, OPTIMIZERS, POOLS, SAMPLERS, SCHEDULES, TrainConfig
+# The allowed values of the network's, optimiser's and sampler's switches (pipeline.model.vgg,
+# pipeline.train.worker, pipeline.train.imbalance read them from here).
+POOLS, HEADS, ATTENTIONS = ("lip", "max"), ("conv", "fc"), ("eca", "none")
+OPTIMIZERS, SCHEDULES, SAMPLERS = ("sgd", "adamw"), ("cosine", "step", "onecycle"), ("shuffle", "balanced")
+MIN_SIZE, MAX_SIZE = 48, 224  # the input sizes LIP-VGG16 accepts (five 2x2 pools)
 
 AUTO = Literal["auto"]
-#: TrainConfig fields that params.yaml never sets: the stages set them (paths, run names) or the
-#: pipeline fixes them (the seven classes).
-NOT_PARAMS = frozenset({"data", "init", "output", "run_name", "mlflow_run_id", "num_classes"})
 TRAIN_SECTIONS = ("train_rafdb", "finetune_sfew")
+#: sections whose type errors also say which type was expected ("(a number, not a string)")
+_TYPED = ("model", "ray", "tune", *TRAIN_SECTIONS)
 
 
 class _Section(BaseModel):
-    # strict: "64" is not an int; an int is still a valid float
+    # strict: "64" is not an int and true is not 1; an int is still a valid float
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _key(description: str, **constraints: Any) -> Any:
-    """A required key."""
+    """A required key; `description` is what the error message says it must be."""
     return Field(description=description, **constraints)
 
 
 def _opt(description: str | None = None, **constraints: Any) -> Any:
     """An optional key (the consumer has a default)."""
     return Field(None, description=description, **constraints)
+
+
+AUTO_BOOL = 'must be true, false or "auto"'
 
 
 class Datasets(_Section):
@@ -53,48 +64,98 @@ class Ingest(_Section):
     workers: Optional[int] = _opt("must be null (all cores) or an integer >= 1", ge=1)
 
 
-# model, ray and the training sections are TrainConfig's fields: the values and ranges allowed
-# (and their messages) come from TrainConfig itself, see train_problems().
+# ---- a training run: model + ray + a training section (params.yaml) + Run (set by the stages).
+# The defaults here are a run's defaults for keys params.yaml leaves out (TrainConfig holds them).
+def _d(default: Any, description: str, **constraints: Any) -> Any:
+    return Field(default, description=description, **constraints)
+
+
 class Model(_Section):
-    pool: Literal[POOLS] = _opt()
-    head: Literal[HEADS] = _opt()
-    attention: Literal[ATTENTIONS] = _opt()
-    width: float = _opt()
-    lip_bottleneck: float = _opt()
-    dropout: float = _opt()
-    compile: bool = _opt("must be true or false")
+    """pipeline.model.lip_vgg16's switches, shared by every training section."""
+    pool: Literal[POOLS] = _d("lip", f"must be one of {list(POOLS)}")
+    head: Literal[HEADS] = _d("conv", f"must be one of {list(HEADS)}")
+    attention: Literal[ATTENTIONS] = _d("eca", f"must be one of {list(ATTENTIONS)}")
+    width: float = _d(1.0, "must be in (0, 4]", gt=0, le=4)
+    lip_bottleneck: float = _d(0.25, "must be in (0, 1]", gt=0, le=1)
+    dropout: float = _d(0.5, "must be in [0, 1)", ge=0, lt=1)
+    compile: bool = _d(False, "must be true or false")
 
 
 class Ray(_Section):
-    num_workers: int = _opt()
-    use_gpu: bool | AUTO = _opt()
-    cpus_per_worker: Optional[float] = _opt()
-    storage_path: str = _opt()
-    max_failures: int = _opt()
+    """Ray sizing and fault tolerance: how a run is placed, not what it learns."""
+    num_workers: int = _d(2, "must be an integer >= 1", ge=1)
+    use_gpu: bool | AUTO = _d("auto", AUTO_BOOL)
+    cpus_per_worker: Optional[float] = _d(None, "must be null (auto) or > 0", gt=0)
+    storage_path: str = _d("runs/ray", "must be a path or URI", min_length=1)
+    max_failures: int = _d(2, "must be >= 0 (or -1 = unlimited)", ge=-1)
 
 
 class Training(_Section):
-    image_size: Optional[int] = _opt()
-    crop: int = _opt()
-    epochs: int = _opt()
-    batch_size: int = _opt()
-    optimizer: Literal[OPTIMIZERS] = _opt()
-    lr: float = _opt()
-    momentum: float = _opt()
-    weight_decay: float = _opt()
-    schedule: Literal[SCHEDULES] = _opt()
-    warmup_epochs: float = _opt()
-    step_size: int = _opt()
-    gamma: float = _opt()
-    label_smoothing: float = _opt()
-    class_weighted: bool = _opt()
-    sampler: Literal[SAMPLERS] = _opt()
-    logit_adjust: float = _opt()
-    max_rotate_deg: float = _opt()
-    patience: int = _opt()
-    seed: int = _opt()
-    amp: bool | AUTO = _opt()
-    channels_last: bool | AUTO = _opt()
+    """The hyperparameters of one training stage."""
+    image_size: Optional[int] = _d(None, f"must be null (native) or an integer >= {MIN_SIZE}",
+                                   ge=MIN_SIZE, le=1024)
+    crop: int = _d(90, f"must be an integer in {MIN_SIZE}..{MAX_SIZE}", ge=MIN_SIZE, le=MAX_SIZE)
+    epochs: int = _d(30, "must be an integer >= 1", ge=1)
+    batch_size: int = _d(64, "must be an integer >= 2 (global: split across the workers)", ge=2)
+    optimizer: Literal[OPTIMIZERS] = _d("sgd", f"must be one of {list(OPTIMIZERS)}")
+    lr: float = _d(0.01, "must be > 0", gt=0)
+    momentum: float = _d(0.9, "must be in [0, 1)", ge=0, lt=1)
+    weight_decay: float = _d(5e-4, "must be >= 0", ge=0)
+    schedule: Literal[SCHEDULES] = _d("cosine", f"must be one of {list(SCHEDULES)}")
+    warmup_epochs: float = _d(1.0, "must be >= 0", ge=0)
+    step_size: int = _d(10, "must be an integer >= 1 (schedule step: decay every step_size epochs)", ge=1)
+    gamma: float = _d(0.1, "must be in (0, 1] (schedule step: the decay factor)", gt=0, le=1)
+    label_smoothing: float = _d(0.0, "must be in [0, 1)", ge=0, lt=1)
+    class_weighted: bool = _d(False, "must be true or false")
+    sampler: Literal[SAMPLERS] = _d("shuffle", f"must be one of {list(SAMPLERS)}")
+    logit_adjust: float = _d(0.0, "must be >= 0 (0 = off)", ge=0)
+    max_rotate_deg: float = _d(10.0, "must be in [0, 180]", ge=0, le=180)
+    patience: int = _d(0, "must be an integer >= 0 (0 = off)", ge=0)
+    seed: int = _d(0, "must be an integer")
+    amp: bool | AUTO = _d("auto", AUTO_BOOL)
+    channels_last: bool | AUTO = _d("auto", AUTO_BOOL)
+
+
+class Run(_Section):
+    """A run's bookkeeping, which params.yaml never sets: the stages pass paths and run ids, and
+    the pipeline fixes the seven classes."""
+    data: str = _key("must be a directory path (the parquet dataset)", min_length=1)
+    init: str = _d("none", 'must be "none" or a checkpoint path', min_length=1)
+    output: str = _d("models/train", "must be a directory path", min_length=1)
+    run_name: Optional[str] = _d(None, "must be null or a name without '/'", pattern=r"^[^/]*[^/\s][^/]*$")
+    mlflow_run_id: Optional[str] = _d(None, "must be null or a run id")
+    num_classes: int = _d(7, "must be an integer >= 2", ge=2)
+
+
+class TrainRun(Model, Ray, Training, Run):
+    """One training run's whole config, flat: `pipeline.train.config.TrainConfig` is this."""
+
+
+NOT_PARAMS = frozenset(Run.model_fields)
+
+
+def cross_problems(c: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, rule) for the rules that tie two keys of a run together; `c` has passed the fields."""
+    out = []
+    if c.get("image_size") is not None and c["crop"] > c["image_size"]:
+        out.append(("crop", f"is larger than image_size={c['image_size']}"))
+    if c["batch_size"] // c["num_workers"] < 2:
+        out.append(("batch_size", f"leaves fewer than 2 images per worker for num_workers={c['num_workers']}"))
+    if c["logit_adjust"] and c["class_weighted"]:
+        out.append(("logit_adjust", "cannot be combined with class_weighted: both correct for the class "
+                                    "prior; choose one"))
+    return out
+
+
+def run_problems(values: dict[str, Any]) -> list[str]:
+    """One line per problem ("crop = 300: must be an integer in 48..224") of a whole run's config."""
+    if not isinstance(values, dict):
+        return [f"a training config must be a mapping, got {_kind(values)}"]
+    try:
+        full = TrainRun.model_validate(values).model_dump()
+    except ValidationError as e:
+        return _explain(e.errors(include_url=False), values, TrainRun, typed=True)
+    return [f"{k} = {_show(full[k])}: {rule}" for k, rule in cross_problems(full)]
 
 
 class ImagenetInit(_Section):
@@ -108,7 +169,7 @@ class ImagenetInit(_Section):
     lr: float = _opt("must be a number > 0", gt=0)
     finetune_lr: float = _opt("must be a number > 0", gt=0)
     batch_size: int = _opt("must be an integer >= 2", ge=2)
-    crop: int = _opt("must be an integer in 48..224", ge=48, le=224)
+    crop: int = _opt(f"must be an integer in {MIN_SIZE}..{MAX_SIZE}", ge=MIN_SIZE, le=MAX_SIZE)
     min_scale: float = _opt("must be a number in (0, 1]", gt=0, le=1)
     optimizer: Literal[OPTIMIZERS] = _opt()
     momentum: float = _opt("must be a number in [0, 1)", ge=0, lt=1)
@@ -122,12 +183,31 @@ class ImagenetInit(_Section):
 class Evaluate(_Section):
     batch_size: int = _key("must be an integer >= 1", ge=1)
     num_workers: int = _key("must be an integer >= 1", ge=1)
-    amp: bool | AUTO = _opt("must be true, false or \"auto\"")
-    channels_last: bool | AUTO = _opt("must be true, false or \"auto\"")
+    amp: bool | AUTO = _opt(AUTO_BOOL)
+    channels_last: bool | AUTO = _opt(AUTO_BOOL)
 
 
 class Mlflow(_Section):
     experiment: str = _key("must be an MLflow experiment name", min_length=1)
+
+
+class Tune(_Section):
+    """`fer tune`'s settings (the defaults are the sweep's). The search space's own language
+    (distributions, tunable keys) is checked by pipeline.train.sweep_settings.validate_space."""
+    dataset: Literal["rafdb", "sfew"] = _d("rafdb", "must be rafdb (train_rafdb's settings) or sfew "
+                                            "(finetune_sfew's, from models/rafdb)")
+    num_samples: int = _d(8, "must be an integer >= 1", ge=1)
+    max_epochs: Optional[int] = _d(None, "must be null (the dataset's epochs) or an integer >= 1", ge=1)
+    grace_period: int = _d(1, "must be an integer >= 1", ge=1)
+    reduction_factor: float = _d(2, "must be a number >= 2", ge=2)
+    workers_per_trial: int = _d(1, "must be an integer >= 1", ge=1)
+    max_concurrent: Optional[int] = _d(None, "must be null (from the cluster) or an integer >= 1", ge=1)
+    seed: int = _d(0, "must be an integer")
+    name: Optional[str] = _d(None, "must be null or a name of letters, digits, '.', '_', '-'",
+                             pattern=r"^[A-Za-z0-9._-]+$")
+    fixed: dict[str, Any] = _d({}, "must be a mapping of training keys")
+    space: dict[str, Any] = _key("must be a non-empty mapping of training keys to distributions, "
+                                 "e.g. {lr: {loguniform: [0.001, 0.1]}}", min_length=1)
 
 
 class Params(_Section):
@@ -142,12 +222,10 @@ class Params(_Section):
     finetune_sfew: Training = _opt()
     evaluate: Evaluate = _opt()
     mlflow: Mlflow = _opt()
-    # free-form here: `fer tune` validates it (pipeline.train.tune.tune_settings)
-    tune: dict[str, Any] = _opt("must be a mapping (see `fer tune --help` for its keys)")
+    tune: Tune = _opt()
 
 
 SECTIONS = tuple(Params.model_fields)
-HOME = {**{k: "model" for k in Model.model_fields}, **{k: "ray" for k in Ray.model_fields}}
 
 
 # --------------------------------------------------------------------------- checking
@@ -158,57 +236,33 @@ def problems(raw: Any) -> list[str]:
     try:
         Params.model_validate(raw)
     except ValidationError as e:
-        return _explain(e.errors(include_url=False), raw)
-    return train_problems(raw)
+        return _explain(e.errors(include_url=False), raw, Params)
+    return _section_cross_problems(raw)
 
 
-def train_problems(raw: dict[str, Any]) -> list[str]:
-    """TrainConfig's checks on model + ray + each training section, as the stages merge them."""
+def _section_cross_problems(raw: dict[str, Any]) -> list[str]:
+    """The cross-field rules on model + ray + each training section, as the stages merge them
+    (keys the file leaves out take a run's defaults)."""
+    defaults = {k: f.default for k, f in TrainRun.model_fields.items() if not f.is_required()}
     model, ray = raw.get("model") or {}, raw.get("ray") or {}
-    runs = [(name, raw[name]) for name in TRAIN_SECTIONS if name in raw] or [(None, {})]
     out: list[str] = []
-    for name, sec in runs:
+    for name in [s for s in TRAIN_SECTIONS if s in raw] or [None]:
+        sec = raw.get(name) or {}
         given = {**model, **ray, **sec}
         origin = {**{k: "model" for k in model}, **{k: "ray" for k in ray}, **{k: name for k in sec}}
-        probe = _Unchecked(data="params.yaml", **given)
-        for p in probe._problems():
-            field = p.split("=", 1)[0]
-            where = origin.get(field) or (name if field in Training.model_fields else None)
+        for key, rule in cross_problems({**defaults, **given}):
+            where = origin.get(key) or name
             if where is None:
                 continue  # a default of a section that is not in the file
-            value = getattr(probe, field)
-            rest = _strip(p, field, value)
-            line = (f"{where}.{field} = {_show(value)}{'' if field in given else ' (default)'}: {rest}"
-                    if rest is not None else f"{where}.{p}")
+            value = given.get(key, defaults.get(key))
+            line = f"{where}.{key} = {_show(value)}{'' if key in given else ' (default)'}: {rule}"
             if line not in out:
                 out.append(line)
     return out
 
 
-class _Unchecked(TrainConfig):
-    """TrainConfig that lists its problems instead of raising them."""
-
-    def __post_init__(self) -> None:
-        pass
-
-
-def _train_rule(field: str, value: Any) -> str | None:
-    """What TrainConfig says about `field` set to `value` ("must be in (0, 4]"), if anything."""
-    for p in _Unchecked(data="params.yaml", **{field: value})._problems():
-        rest = _strip(p, field, value)
-        if rest is not None:
-            return rest
-    return None
-
-
-def _strip(problem: str, field: str, value: Any) -> str | None:
-    for prefix in (f"{field}={value!r} ", f"{field}={value} "):
-        if problem.startswith(prefix):
-            return problem[len(prefix):]
-    return None
-
-
-def _explain(errors: list[dict[str, Any]], raw: dict[str, Any]) -> list[str]:
+def _explain(errors: list[dict[str, Any]], raw: dict[str, Any], root: type[BaseModel],
+             typed: bool = False) -> list[str]:
     unknown: dict[tuple, list] = {}
     lines: list[str] = []
     seen: set[tuple] = set()
@@ -221,23 +275,23 @@ def _explain(errors: list[dict[str, Any]], raw: dict[str, Any]) -> list[str]:
             continue
         seen.add(path)
         dotted = ".".join(map(str, path))
-        allowed = _allowed(path, err)
+        allowed = _allowed(root, path, err, typed or (len(path) == 2 and path[0] in _TYPED))
         if err["type"] == "missing":
             lines.append(f"{dotted} is required: {allowed}")
         else:
             lines.append(f"{dotted} = {_show(err['input'])}: {allowed}")
     for parent, keys in reversed(unknown.items()):
-        if not parent:
+        known = sorted(_model_at(root, parent).model_fields)
+        if root is Params and not parent:
             lines.insert(0, f"unknown section(s) {sorted(map(str, keys))}; known: {sorted(SECTIONS)}")
         else:
-            known = sorted(_model_at(parent).model_fields)
-            lines.insert(0, f"unknown key(s) {sorted(map(str, keys))} in '{'.'.join(map(str, parent))}'; "
-                            f"known: {known}")
+            where = f" in '{'.'.join(map(str, parent))}'" if parent else ""
+            lines.insert(0, f"unknown key(s) {sorted(map(str, keys))}{where}; known: {known}")
     return lines
 
 
 def _path(err: dict[str, Any], raw: dict[str, Any]) -> tuple:
-    """The params.yaml key path of an error (pydantic's loc also names union members)."""
+    """The key path of an error (pydantic's loc also names union members)."""
     loc, node, path = err["loc"], raw, []
     for part in loc:
         if not (isinstance(node, dict) and part in node):
@@ -249,29 +303,26 @@ def _path(err: dict[str, Any], raw: dict[str, Any]) -> tuple:
     return tuple(path)
 
 
-def _model_at(path: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = Params
+def _model_at(root: type[BaseModel], path: tuple) -> type[BaseModel]:
+    model = root
     for part in path:
         model = model.model_fields[part].annotation
     return model
 
 
-def _allowed(path: tuple, err: dict[str, Any]) -> str:
-    if len(path) == 2 and (path[0] in TRAIN_SECTIONS or path[0] in ("model", "ray")):
-        rule = _train_rule(path[1], err.get("input"))
-        if rule is not None:
-            expected = TYPE_WORDS.get(err["type"]) if len(err["loc"]) == len(path) else None
-            return rule + (f" ({expected}, not {_kind(err.get('input'))})" if expected else "")
-    info = _model_at(path[:-1]).model_fields[path[-1]]
+TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+              "string_type": "a string"}
+
+
+def _allowed(root: type[BaseModel], path: tuple, err: dict[str, Any], typed: bool) -> str:
+    info = _model_at(root, path[:-1]).model_fields[path[-1]]
     if info.description:
-        return info.description
+        # a plain type error (not inside a union) also says which type was expected
+        expected = TYPE_WORDS.get(err["type"]) if typed and len(err["loc"]) == len(path) else None
+        return info.description + (f" ({expected}, not {_kind(err.get('input'))})" if expected else "")
     if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
         return "must be a mapping of " + _keys(info.annotation)
     return err["msg"].replace("Input should", "must")
-
-
-TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-              "string_type": "a string"}
 
 
 def _kind(value: Any) -> str:

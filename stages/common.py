@@ -39,7 +39,7 @@ def train_stage(*, stage: str, dataset: str) -> dict:
     experiment = section(params, "mlflow")["experiment"]
     with tracking.tracked_run(experiment, f"{stage}-{digest}", stage=stage, dataset=dataset,
                               params=cfg.to_dict()) as run_id, output_lock(output):
-        cfg.mlflow_run_id = run_id
+        cfg = cfg.model_copy(update={"mlflow_run_id": run_id})
         # The previous model stays until the new one is complete (run_training swaps it in).
         summary = run_training(cfg)
         history = json.loads((output / "history.json").read_text())

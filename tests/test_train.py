@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -161,3 +162,13 @@ def test_resumed_runs_repeat_an_uninterrupted_schedule_exactly(failed_run, resum
     for a, b in zip(failed, resumed):
         assert a["val_accuracy"] == b["val_accuracy"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_driver_draws_a_progress_bar_within_each_epoch(tiny, tmp_path, ray_local, capfd, monkeypatch):
+    # on a terminal this is on by itself; FER_PROGRESS=1 forces it for a captured stream
+    monkeypatch.setenv("FER_PROGRESS", "1")
+    run_training(_cfg(tiny, tmp_path, epochs=2, run_name="bar"))
+    err = capfd.readouterr().err
+    done = re.findall(r"epoch (\d)/2: 100%\|[^|]*\| (\d+)/(\d+)", err)
+    assert {e for e, _, _ in done} == {"1", "2"}, err[-2000:]
+    assert all(a == b and int(a) >= 1 for _, a, b in done)

@@ -17,9 +17,9 @@ def test_from_dict_accepts_known_keys_and_defaults():
                                  "use_gpu": False, "amp": "auto", "cpus_per_worker": 0.5})
     assert cfg.epochs == 3 and cfg.crop == 48 and cfg.num_classes == 7
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.model_config() == dict(num_classes=7, pool="lip", head="conv", attention="eca",
+    assert cfg.network() == dict(num_classes=7, pool="lip", head="conv", attention="eca",
                                       width=1.0, lip_bottleneck=0.25, dropout=0.5)
-    assert set(cfg.model_config()) <= set(lip_vgg16(width=0.125).config)
+    assert set(cfg.network()) <= set(lip_vgg16(width=0.125).config)
 
 
 def test_from_dict_rejects_unknown_keys_naming_them():
@@ -123,3 +123,44 @@ def test_init_checkpoint_missing_tensors_keep_their_init(tmp_path):
     rep = load_init_checkpoint(dst, tmp_path / "max.pt")
     assert rep["missing"] and all(".logit." in k for k in rep["missing"])
     assert rep["copied"]
+
+
+def test_step_reporter_sends_about_twenty_updates_and_always_the_last_step():
+    from pipeline.train.progress import step_reporter
+
+    class Q(list):
+        def put_nowait(self, item):
+            self.append(item)
+
+    q = Q()
+    report = step_reporter({"progress_queue": q}, 0, steps=45, epochs=3)
+    for step in range(1, 46):
+        report(2, step)
+    assert [s for _, s, _, _ in q] == [2 * k for k in range(1, 23)] + [45]
+    assert all(e == 2 and n == 45 and t == 3 for e, _, n, t in q)
+    assert step_reporter({"progress_queue": q}, 1, steps=45, epochs=3) is None  # rank 0 only
+    assert step_reporter({}, 0, steps=45, epochs=3) is None                      # no bar asked for
+
+
+def test_progress_bar_only_on_a_terminal_unless_forced(monkeypatch):
+    import sys
+
+    from pipeline.train import progress
+
+    class Tty:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delenv("FER_PROGRESS", raising=False)
+    for tty in (True, False):
+        monkeypatch.setattr(sys, "stderr", Tty(tty))
+        assert progress.wanted() is tty
+        monkeypatch.setenv("FER_PROGRESS", "0")
+        assert progress.wanted() is False
+        monkeypatch.setenv("FER_PROGRESS", "1")
+        assert progress.wanted() is True
+        monkeypatch.delenv("FER_PROGRESS")
+    assert progress.EpochBar(enabled=False).start().config() == {}  # no queue, no Ray needed

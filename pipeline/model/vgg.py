@@ -9,10 +9,9 @@ from torch import nn
 
 from pipeline.model.attention import ECA
 from pipeline.model.lip import LIPPool2d
+from pipeline.params_schema import ATTENTIONS, HEADS, MAX_SIZE, MIN_SIZE, POOLS
 
 VGG16_CFG = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
-POOLS, HEADS, ATTENTIONS = ("lip", "max"), ("conv", "fc"), ("eca", "none")
-MIN_SIZE, MAX_SIZE = 48, 224
 
 
 def _scaled(c: int, width: float) -> int:

@@ -249,7 +249,7 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
         h.update(f.read_bytes())
     digest = h.hexdigest()[:10]
     storage = _storage(probe)
-    model_config = probe.model_config()
+    model_config = probe.network()
     experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
 
     init = "none"

@@ -21,8 +21,6 @@ from torch.nn import functional as F
 
 from pipeline.data.loader import DeviceBatches, normalize, random_crop_flip
 
-SAMPLERS = ("shuffle", "balanced")
-
 
 def class_prior(counts: torch.Tensor) -> torch.Tensor:
     """Class frequencies from counts; a class without images gets one (no log(0))."""

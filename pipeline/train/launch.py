@@ -83,6 +83,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     from pipeline.cluster import auto_cpus_per_worker, ensure_ray, worker_resources
     from pipeline.tracking import tracking_uri
     from pipeline.train import pg_release
+    from pipeline.train.progress import EpochBar
 
     data = Path(cfg.data).resolve()
     if not data.is_dir():
@@ -100,38 +101,42 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
     res = worker_resources(cfg.use_gpu, cfg.num_workers, cfg.cpus_per_worker)
     loop_config = {
-        **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.model_config(),
+        **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.network(),
         "train_config": cfg.to_dict(), "torch_threads": max(1, int(res["cpus_per_worker"])),
         "mlflow_tracking_uri": tracking_uri(), **(extra_loop_config or {}),
     }
+    bar = EpochBar(enabled=None if train_loop is None else False).start()  # the face-set loop's steps
     own_pg_file = None
-    if pg_file is None and pg_release.needed():
-        fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
-        os.close(fd)
-    if callable(datasets):
-        datasets = datasets()
-    trainer = pg_release.trainer_class(pg_file or own_pg_file)(
-        train_loop or train_loop_per_worker,
-        **({"datasets": datasets} if datasets is not None else {}),
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res["use_gpu"],
-                                     resources_per_worker={"CPU": res["cpus_per_worker"],
-                                                           **({"GPU": 1} if res["use_gpu"] else {})}),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks) or None,
-            logging_config=LoggingConfig(log_level=LOG_LEVEL),  # Ray Train's own messages
-        ),
-    )
-    try:
-        return trainer.fit()
-    except Exception as e:  # ray.train.TrainingFailedError and friends
-        msg = str(e).strip().splitlines()
-        raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
-                       f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e
+    try:  # the bar's thread and queue actor end with the run, however it ends
+        loop_config.update(bar.config())
+        if pg_file is None and pg_release.needed():
+            fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
+            os.close(fd)
+        if callable(datasets):
+            datasets = datasets()
+        trainer = pg_release.trainer_class(pg_file or own_pg_file)(
+            train_loop or train_loop_per_worker,
+            **({"datasets": datasets} if datasets is not None else {}),
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res["use_gpu"],
+                                         resources_per_worker={"CPU": res["cpus_per_worker"],
+                                                               **({"GPU": 1} if res["use_gpu"] else {})}),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=list(callbacks) or None,
+                logging_config=LoggingConfig(log_level=LOG_LEVEL),  # Ray Train's own messages
+            ),
+        )
+        try:
+            return trainer.fit()
+        except Exception as e:  # ray.train.TrainingFailedError and friends
+            msg = str(e).strip().splitlines()
+            raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
+                           f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e
     finally:
+        bar.close()
         if own_pg_file:
             pg_release.release(own_pg_file)
             Path(own_pg_file).unlink(missing_ok=True)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
+from pipeline.params_schema import Tune, problems
 
 DATASETS = {"rafdb": "train_rafdb", "sfew": "finetune_sfew"}
 MODEL_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck", "dropout")
@@ -36,10 +36,7 @@ ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck")
 NOT_TUNABLE = {"data", "output", "storage_path", "run_name", "mlflow_run_id", "num_workers", "use_gpu",
                "cpus_per_worker", "max_failures", "init", "epochs", "num_classes", "amp", "channels_last"}
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-TUNE_DEFAULTS: dict[str, Any] = {
-    "dataset": "rafdb", "num_samples": 8, "max_epochs": None, "grace_period": 1, "reduction_factor": 2,
-    "workers_per_trial": 1, "max_concurrent": None, "seed": 0, "name": None, "fixed": {}, "space": None,
-}
+
 
 # --------------------------------------------------------------------------- settings
 def _is_int(v) -> bool:
@@ -56,11 +53,9 @@ def tunable_keys() -> list[str]:
     return [k for k in TrainConfig.field_names() if k not in NOT_TUNABLE]
 
 
-def validate_space(space: Any) -> dict[str, Any]:
-    """Check the ``space`` mapping (see the module doc); returns it unchanged."""
-    if not isinstance(space, dict) or not space:
-        raise FerError("tune.space must be a non-empty mapping of training keys to distributions, "
-                       "e.g. {lr: {loguniform: [0.001, 0.1]}}")
+def validate_space(space: dict[str, Any]) -> dict[str, Any]:
+    """Check the ``space`` mapping's keys and distributions (see the module doc; the schema has
+    already checked that it is a non-empty mapping); returns it unchanged."""
     allowed = tunable_keys()
     for key, spec in space.items():
         if key not in allowed:
@@ -84,35 +79,19 @@ def validate_space(space: Any) -> dict[str, Any]:
 
 
 def tune_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The validated ``tune:`` section with defaults filled in (unknown keys are errors)."""
+    """The ``tune:`` section with its defaults filled in: types, ranges and unknown keys are
+    checked by the params schema (pipeline.params_schema.Tune), the sweep's own rules here."""
     if "tune" not in params or not isinstance(params.get("tune"), dict):
         raise FerError("params.yaml has no 'tune' section (see `fer tune --help` for its keys)")
-    raw = params["tune"]
-    unknown = sorted(set(raw) - set(TUNE_DEFAULTS))
-    if unknown:
-        raise FerError(f"unknown key(s) {unknown} in 'tune'; known: {sorted(TUNE_DEFAULTS)}")
-    s = {**TUNE_DEFAULTS, **raw}
-    if s["dataset"] not in DATASETS:
-        raise FerError(f"tune.dataset={s['dataset']!r} must be one of {list(DATASETS)}")
+    found = problems({"tune": params["tune"]})
+    if found:
+        raise FerError("; ".join(found))
+    s = {**{k: f.get_default(call_default_factory=True) for k, f in Tune.model_fields.items()}, **params["tune"]}
     train = section(params, DATASETS[s["dataset"]])
     if s["max_epochs"] is None:
         s["max_epochs"] = train.get("epochs", 1)
-    for key, low in (("num_samples", 1), ("max_epochs", 1), ("grace_period", 1), ("workers_per_trial", 1)):
-        if not _is_int(s[key]) or s[key] < low:
-            raise FerError(f"tune.{key}={s[key]!r} must be an integer >= {low}")
-    if not _is_num(s["reduction_factor"]) or s["reduction_factor"] < 2:
-        raise FerError(f"tune.reduction_factor={s['reduction_factor']!r} must be >= 2")
     if s["grace_period"] > s["max_epochs"]:
         raise FerError(f"tune.grace_period={s['grace_period']} exceeds max_epochs={s['max_epochs']}")
-    if s["max_concurrent"] is not None and (not _is_int(s["max_concurrent"]) or s["max_concurrent"] < 1):
-        raise FerError(f"tune.max_concurrent={s['max_concurrent']!r} must be null or an integer >= 1")
-    if not _is_int(s["seed"]):
-        raise FerError(f"tune.seed={s['seed']!r} must be an integer")
-    if s["name"] is not None and (not isinstance(s["name"], str)
-                                  or not re.fullmatch(r"[A-Za-z0-9._-]+", s["name"])):
-        raise FerError(f"tune.name={s['name']!r} must be null or a name of letters, digits, '.', '_', '-'")
-    if not isinstance(s["fixed"], dict):
-        raise FerError("tune.fixed must be a mapping of training keys")
     bad = sorted(set(s["fixed"]) - set(tunable_keys()))
     if bad:
         raise FerError(f"tune.fixed: {bad} cannot be set here; allowed: {', '.join(tunable_keys())}")

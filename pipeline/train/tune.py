@@ -18,12 +18,12 @@ left to Ray), capped by ``tune.max_concurrent`` when set. Every trial is an MLfl
 parent sweep run (tag ``mlflow.parentRunId``, plus ``sweep`` and ``trial_id`` tags).
 
 The ``tune:`` section is read and checked by :mod:`pipeline.train.sweep_settings`; the sweep's
-MLflow runs are kept by :mod:`pipeline.train.sweep_runs`.
+MLflow runs are kept by :mod:`pipeline.train.sweep_runs`; its table, best trial and noise note
+are :mod:`pipeline.train.sweep_results`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -37,12 +37,10 @@ from pipeline.cluster import concurrency, ensure_ray, job_env, worker_resources
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.train import pg_release
-from pipeline.train.sweep_runs import find_runs, parent_run, trial_run, trial_callback
-from pipeline.train.sweep_settings import (DATASETS, MODEL_KEYS, _is_num, _resolve, apply_best,
-                                           base_options, sweep_name, tune_settings)
-
-METRIC, MODE = "val_accuracy", "max"
-SIG_DIGITS = 4                 # best values are rounded to this many significant digits
+from pipeline.train.sweep_results import (METRIC, MODE, _round, _seed_std, format_table, noise_note,
+                                          pick_best, targets, trial_rows)
+from pipeline.train.sweep_runs import parent_run, trial_run, trial_callback
+from pipeline.train.sweep_settings import _resolve, apply_best, base_options, sweep_name, tune_settings
 
 
 def build_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +74,7 @@ def _trial_config(ctx: dict[str, Any], trial_id: str, sampled: dict[str, Any]):
         cfg0 = TrainConfig.from_dict({**opts, "init": "none"})
         init = str(trial_dir / "imagenet_init.pt")
         if not Path(init).is_file():
-            write_imagenet_init(init, cfg0.model_config(), ctx["init"][len("imagenet:"):], seed=cfg0.seed)
+            write_imagenet_init(init, cfg0.network(), ctx["init"][len("imagenet:"):], seed=cfg0.seed)
     return TrainConfig.from_dict({**opts, "init": init})
 
 
@@ -91,7 +89,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     os.environ.update(ctx["env"])
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = _trial_config(ctx, trial_id, dict(config))
-    cfg.mlflow_run_id = trial_run(ctx, trial_id, cfg.to_dict(), config)
+    cfg = cfg.model_copy(update={"mlflow_run_id": trial_run(ctx, trial_id, cfg.to_dict(), config)})
     trial_dir = Path(ctx["trials_dir"]) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     pg_file = str(trial_dir / pg_release.PG_FILE) if ctx["pg_workaround"] else None
@@ -121,111 +119,6 @@ def write_trial_model(ctx: dict[str, Any], trial_id: str, config: dict[str, Any]
 
 def _trial_dirname(trial) -> str:
     return trial.trial_id
-
-
-# --------------------------------------------------------------------------- results
-def _round(v: Any) -> Any:
-    if isinstance(v, float) and math.isfinite(v) and v != 0:
-        return float(f"{v:.{SIG_DIGITS}g}")
-    if hasattr(v, "item"):  # numpy scalars from tune.choice
-        return _round(v.item())
-    return v
-
-
-def _trial_rows(grid, max_epochs: int, ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    from pipeline import tracking
-
-    exp_id = tracking.get_or_create_experiment(ctx["experiment"])
-    run_ids = {r.data.tags.get("trial_id"): r.info.run_id
-               for r in find_runs(exp_id, sweep=ctx["sweep"], stage="tune_trial")}
-    rows = []
-    for res in grid:
-        if res.config is None:  # never started
-            continue
-        m = res.metrics or {}
-        trial_id = m.get("trial_id") or Path(res.path).name
-        df = res.metrics_dataframe
-        seen = [float(df[METRIC].max())] if df is not None and METRIC in df else []
-        seen += [float(m[k]) for k in (METRIC, "best_val_accuracy") if _is_num(m.get(k))]
-        best = max(seen) if seen else float("nan")
-        epoch = int(m.get("epoch") or 0)
-        rows.append({
-            "trial_id": trial_id, "config": dict(res.config), "checkpoint_path": m.get("checkpoint_path"),
-            "params": {k: _round(res.config[k]) for k in sorted(res.config)},
-            "epochs": epoch, "val_accuracy": m.get(METRIC), "best_val_accuracy": best,
-            "status": "error" if res.error else ("stopped" if epoch < max_epochs else "completed"),
-            "mlflow_run_id": run_ids.get(trial_id),
-        })
-    return rows
-
-
-def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Among the trials that ran the full budget (ASHA's survivors), the highest best val
-    accuracy (ties: the lowest trial id); if none completed, the highest among all that reported."""
-    ok = [r for r in rows if r["status"] != "error" and r["best_val_accuracy"] == r["best_val_accuracy"]]
-    if not ok:
-        raise FerError("no trial reported a val accuracy; see the Ray logs above")
-    full = [r for r in ok if r["status"] == "completed"] or ok
-    # ties: more epochs, then the first trial (max keeps the first of equal keys)
-    return max(sorted(full, key=lambda r: r["trial_id"]), key=lambda r: (r["best_val_accuracy"], r["epochs"]))
-
-
-def format_table(rows: list[dict[str, Any]], best_id: str | None = None) -> str:
-    keys = sorted({k for r in rows for k in r["params"]})
-    head = ["", "trial", *keys, "epochs", "val_acc", "best_val_acc", "status"]
-    body = []
-    def order(r):  # the chosen trial first, then by best val accuracy
-        acc = r["best_val_accuracy"]
-        return (r["trial_id"] != best_id, -(acc if acc == acc else -1.0))
-
-    for r in sorted(rows, key=order):
-        body.append(["*" if r["trial_id"] == best_id else "", r["trial_id"],
-                     *[f"{r['params'].get(k)}" for k in keys], str(r["epochs"]),
-                     "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}",
-                     f"{r['best_val_accuracy']:.4f}", r["status"]])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
-
-
-def noise_note(rows: list[dict[str, Any]], best: dict[str, Any], seed_std: float | None = None
-               ) -> dict[str, Any]:
-    """What the single-seed trials can say: the best trial's margin over the runner-up (completed
-    trials) beside the seed spread, when one is known (``seed_std``: the sample std over seeds of
-    one configuration, e.g. a ``fer ablation --seeds 3`` row). A margin under 2 x seed_std (the
-    spread of a difference of two single runs is sqrt(2) x seed_std) is within the noise."""
-    others = sorted((r["best_val_accuracy"] for r in rows
-                     if r is not best and r["status"] == "completed" and r["best_val_accuracy"] == r["best_val_accuracy"]),
-                    reverse=True)
-    margin = best["best_val_accuracy"] - others[0] if others else None
-    out: dict[str, Any] = {"seeds_per_trial": 1, "margin_over_runner_up": None if margin is None else round(margin, 6),
-                           "seed_std": seed_std, "verdict": "n/a"}
-    if margin is not None and seed_std:
-        out["verdict"] = "beyond noise" if margin > 2 * seed_std else "within noise"
-    out["note"] = ("each trial is one training run (one seed): " + (
-        f"the best leads the runner-up by {margin * 100:.1f} pts" if margin is not None else "no runner-up")
-        + (f", {out['verdict']} (seed std {seed_std * 100:.1f} pts)" if seed_std and margin is not None
-           else "; the seed spread is unknown here (`fer ablation --seeds 3` measures it), so the "
-                "ranking is not a measured difference"))
-    return out
-
-
-def _seed_std(root: Path) -> float | None:
-    """The largest per-row seed std in reports/ablation.json (written by `fer ablation`), if any."""
-    try:
-        rows = json.loads((root / "reports" / "ablation.json").read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    stds = [r["std"] for r in rows if isinstance(r, dict) and isinstance(r.get("std"), (int, float))]
-    return max(stds) if stds else None
-
-
-def targets(best_params: dict[str, Any], dataset: str) -> dict[str, dict[str, Any]]:
-    """Where `--apply` writes each value: model keys -> `model`, the rest -> the training section."""
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in best_params.items():
-        out.setdefault("model" if k in MODEL_KEYS else DATASETS[dataset], {})[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -341,7 +234,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
             tracking.client().set_terminated(ctx["parent_run_id"], status="KILLED")
             raise FerError(f"sweep {name} interrupted ({grid.num_terminated} of {n_trials} trials finished); "
                            f"run `fer tune` again to resume it")
-        rows = _trial_rows(grid, settings["max_epochs"], ctx)
+        rows = trial_rows(grid, settings["max_epochs"], ctx)
         n_done = len(rows)
         best = pick_best(rows)
         ckpt = best["checkpoint_path"]

@@ -15,6 +15,7 @@ name picks it up through `ray.train.get_checkpoint()` and continues with the nex
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -296,13 +297,14 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             from pipeline.tracking import log_epoch
 
-            def _log(m: dict, e: int) -> None:
-                log_epoch(cfg["mlflow_run_id"], m, e)
-            on_epoch = _log
+            on_epoch = functools.partial(log_epoch, cfg["mlflow_run_id"])  # (metrics, epoch)
         except ImportError as e:
             _say(f"warning: no per-epoch MLflow logging ({e})")
 
     # ---- epochs
+    from pipeline.train.progress import step_reporter
+
+    show_step = step_reporter(cfg, rank, steps, cfg["epochs"])  # the driver's bar (a terminal)
     for epoch in range(start, cfg["epochs"] + 1):
         _maybe_fail(cfg, epoch, rank)
         model.train()
@@ -311,13 +313,15 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
-        for _, (x, y) in zip(range(steps), batches):
+        for i, (x, y) in zip(range(steps), batches):
             lr = optimizer.param_groups[0]["lr"]  # reported: the lr of the epoch's last step
             loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
                                       channels_last=channels_last)
             loss_sum += loss.double() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            if show_step is not None:
+                show_step(epoch, i + 1)
         loss_sum, correct_g, seen_g = _all_reduce([float(loss_sum), float(correct), seen], device=device)
         train_time = time.perf_counter() - t0
         _sync_buffers(raw)
