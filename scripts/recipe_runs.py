@@ -58,8 +58,8 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     from pipeline.train.worker import lr_lambda, make_optimizer, train_step
 
     d = dict(base, seed=seed)
-    cfg = TrainConfig.from_dict(d).to_dict()
-    cfg["model_config"] = TrainConfig.from_dict(d).model_config()
+    tc = TrainConfig.from_dict(d)
+    cfg = {**tc.to_dict(), "model_config": tc.network()}
     tx, ty = load_split(cfg["data"], "train", size=cfg["image_size"], workers=1)
     vx, vy = load_split(cfg["data"], "val", size=cfg["image_size"], workers=1)
     ex, ey = load_split(cfg["data"], "test", size=cfg["image_size"], workers=1)

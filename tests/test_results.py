@@ -37,3 +37,28 @@ def test_tables_and_decision(tmp_path, monkeypatch):
     assert psumm["partial"]["classes_at_zero"] == ["a", "b"]
     assert any("stopped after 1 of 3 epochs" in line for line in plines)
     assert any("| missing | not run |" in line for line in plines)
+
+
+def _eval(acc: float, per: dict) -> dict:
+    return {"accuracy": acc, "accuracy_center": acc - 0.01, "n_test": 10, "per_class": per,
+            "mean_class_accuracy": sum(per.values()) / len(per)}
+
+
+def test_pipeline_seed_rows_read_metrics_and_seed_copies(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    for ds in ("rafdb", "sfew"):
+        (tmp_path / "metrics" / f"eval_{ds}.json").write_text(json.dumps(_eval(0.80, {"a": 1.0, "b": 0.6})))
+    assert R.seed_block(R.pipeline_seeds(tmp_path))[0].startswith("Only 1 seed")
+    for seed, (acc, b) in {1: (0.84, 0.0), 2: (0.82, 0.3)}.items():
+        d = tmp_path / "reports" / "seeds" / f"seed{seed}"
+        d.mkdir(parents=True)
+        for ds in ("rafdb", "sfew"):
+            (d / f"eval_{ds}.json").write_text(json.dumps(_eval(acc, {"a": 1.0, "b": b})))
+    (tmp_path / "reports" / "seeds" / "seed3").mkdir()  # a seed without its files is left out
+    seeds = R.pipeline_seeds(tmp_path)
+    assert sorted(seeds) == [0, 1, 2]
+    lines = R.seed_block(seeds)
+    raf = next(line for line in lines if line.startswith("| RAF-DB layout"))
+    assert "82.0 ± 2.0 (n=3)" in raf and "b 30 ± 30" in raf and raf.endswith("| b |")
+    # per seed against the targets (ten-crop >= 80%, mean class >= 65%, no class at 0%)
+    assert lines[-1].endswith("seed 0 meets them, seed 1 misses them (mean class 50.0%; b at 0%), seed 2 meets them.")
