@@ -2,8 +2,9 @@
 
 Each run is the training loop of `pipeline.train.worker` with world size 1 (the same building
 blocks: `lr_lambda`, `train_step`, `count_correct`, the augmentation of `DeviceBatches`, the
-criteria and sampler of `pipeline.train.imbalance`), so many configurations fit on a 2-core CPU;
-the pipeline itself runs 2 Ray workers (batch split 2 x 16, BatchNorm per half batch).
+criteria and sampler of `pipeline.train.imbalance`), so many configurations fit on a 2-core CPU.
+The pipeline's default also trains at world size 1 (one Ray worker of 2 threads); with more
+workers the batch is split and each worker's BatchNorm sees its share only.
 
     python scripts/recipe_runs.py --data data/parquet/rafdb --init models/imagenet_init.pt \\
         --name onecycle --seeds 0 1 2 --set schedule=onecycle lr=0.01 --out reports/runs

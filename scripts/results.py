@@ -324,7 +324,7 @@ def main() -> None:
     pool_lines, pool = table(POOLING, runs, classes)
     verdict = imbalance_verdict(imb)
     how = ("Runs of `scripts/recipe_runs.py` (the worker's training step, augmentation and losses in one "
-           "process, world size 1; the pipeline itself trains on 2 Ray workers), chosen by val accuracy; "
+           "process, world size 1, as the pipeline trains by default: one Ray worker), chosen by val accuracy; "
            "the test split only reports. Figures: mean ± sample std over seeds where there are several; "
            "a difference is *beyond noise* at p < 0.05 (Welch's t over seeds), with one seed the noise is "
            "unknown.")
