@@ -333,20 +333,21 @@ def main() -> None:
     (ROOT / "reports" / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool}, indent=1))
     (ROOT / "reports" / "imbalance.json").write_text(json.dumps({"runs": imb, "verdict": verdict,
                                                                  "max_accuracy_drop": MAX_ACC_DROP}, indent=1))
-    imb_md = ["# Rare classes on the RAF-DB-layout synthetic set", "", how, "", *imb_lines, "",
-              f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}."]
+    decision = f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}."
+    pool_verdict = pooling_verdict(pool)
+    imb_md = ["# Rare classes on the RAF-DB-layout synthetic set", "", how, "", *imb_lines, "", decision]
     (ROOT / "reports" / "imbalance.md").write_text("\n".join(imb_md) + "\n")
     rec_md = ["# Recipe comparison on the RAF-DB-layout synthetic set", "", how, "", *rec_lines, "",
-              "## LIP vs max pooling on the default recipe", "", *pool_lines, "", pooling_verdict(pool), ""]
+              "## LIP vs max pooling on the default recipe", "", *pool_lines, "", pool_verdict, ""]
     (ROOT / "reports" / "recipe.md").write_text("\n".join(rec_md) + "\n")
 
     block = [BEGIN, "", "### The embedded default (synthetic faces, CPU)", "", *default_block(classes), "",
              "### The embedded default over training seeds", "", *seed_block(pipeline_seeds()), "",
              "### Recipe comparison (`reports/recipe.md`)", "", how, "", *rec_lines, "",
              "### Rare classes (`reports/imbalance.md`)", "", *imb_lines, "",
-             f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}.", "",
+             decision, "",
              "### LIP vs max pooling on the default recipe (`reports/recipe.md`)", "", *pool_lines, "",
-             pooling_verdict(pool), "",
+             pool_verdict, "",
              "The runs, each reproduced by (after `dvc repro ingest@rafdb imagenet_init`):", "",
              *commands([n for _, n in RECIPE + IMBALANCE + POOLING], runs), "",
              "### LIP vs VGG16-BN at the default size", "", *ablation_lines(), "", END]
