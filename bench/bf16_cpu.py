@@ -1,5 +1,5 @@
 """bf16 autocast vs fp32 on this CPU, for the configured network: the measurement behind
-`amp: auto` on CPU (pipeline.train.config.resolve_amp), written to reports/bf16_cpu.json.
+`amp: auto` on CPU (pipeline.model.speed.resolve_amp), written to reports/bf16_cpu.json.
 
 Times, interleaved round by round on the same model and batch: one AdamW training step (batch =
 train_rafdb.batch_size / ray.num_workers, the per-worker batch) and one ten-crop evaluation forward
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.model import lip_vgg16
-from pipeline.train.config import cpu_has_native_bf16, resolve_amp
+from pipeline.model.speed import cpu_has_native_bf16, resolve_amp
 
 
 def _cpu() -> dict:

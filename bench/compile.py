@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import lip_vgg16
-from pipeline.train.config import maybe_compile
+from pipeline.model.speed import maybe_compile
 
 
 def main() -> None:

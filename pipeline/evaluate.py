@@ -43,10 +43,10 @@ def ten_crop_probabilities(model: torch.nn.Module, images_uint8: torch.Tensor, c
 
     This is the one preprocessing path shared by evaluation, the predictor and the MLflow model.
     ``amp`` (bf16 autocast) and ``channels_last``: true/false/"auto", resolved as in training
-    (``pipeline.train.config.resolve_amp``), so either path runs on any device.
+    (``pipeline.model.speed.resolve_amp``), so either path runs on any device.
     """
     from pipeline.data.loader import normalize, ten_crop
-    from pipeline.train.config import resolve_amp, resolve_channels_last
+    from pipeline.model.speed import resolve_amp, resolve_channels_last
 
     device = torch.device(device)
     x = images_uint8.to(device, non_blocking=device.type == "cuda")
@@ -104,7 +104,7 @@ def evaluate_arrays(model: torch.nn.Module, images_uint8: torch.Tensor, labels: 
                     num_classes: int | None = None, amp: bool | str = "auto",
                     channels_last: bool | str = "auto", compile: bool = False) -> EvalCounts:
     """Ten-crop and centre-crop confusion counts of ``images_uint8 [N, 3, H, W]`` with ``labels [N]``."""
-    from pipeline.train.config import maybe_compile, resolve_channels_last
+    from pipeline.model.speed import maybe_compile, resolve_channels_last
 
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if len(images_uint8) != len(labels):

@@ -147,37 +147,50 @@ def cross_problems(c: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def run_problems(values: dict[str, Any]) -> list[str]:
-    """One line per problem ("crop = 300: must be an integer in 48..224") of a whole run's config."""
-    if not isinstance(values, dict):
-        return [f"a training config must be a mapping, got {_kind(values)}"]
-    try:
-        full = TrainRun.model_validate(values).model_dump()
-    except ValidationError as e:
-        return _explain(e.errors(include_url=False), values, TrainRun, typed=True)
-    return [f"{k} = {_show(full[k])}: {rule}" for k, rule in cross_problems(full)]
+def run_problems(values: dict[str, Any], error: ValidationError | None = None) -> list[str]:
+    """One line per problem ("crop = 300: must be an integer in 48..224") of a whole run's config:
+    of pydantic's ``error`` for ``values`` if given, else the cross-field rules (``values`` valid)."""
+    if error is not None:
+        return _explain(error.errors(include_url=False), values, TrainRun, typed=True)
+    return [f"{k} = {_show(values[k])}: {rule}" for k, rule in cross_problems(values)]
 
 
 class ImagenetInit(_Section):
+    """The init weights: ``map`` copies vgg16_bn's ImageNet weights (``source``); ``adapt`` and
+    ``pretrain`` train on the streamed ImageNet parquet (pipeline.train.imagenet). The defaults
+    are those modes' (params.yaml lists only what it sets, so DVC sees exactly that)."""
     source: str = _key('must be "none", "torchvision" or the path of a vgg16_bn .pth', min_length=1)
-    # the training modes (pipeline.train.imagenet; its DEFAULTS fill in what is left out)
-    mode: Literal["map", "adapt", "pretrain"] = _opt()
-    data: Optional[str] = _opt("must be null or the parquet folder `fer ingest-imagenet` wrote",
-                               min_length=1)
-    epochs: int = _opt("must be an integer >= 1", ge=1)
-    finetune_epochs: int = _opt("must be an integer >= 0 (0: no full-network phase)", ge=0)
-    lr: float = _opt("must be a number > 0", gt=0)
-    finetune_lr: float = _opt("must be a number > 0", gt=0)
-    batch_size: int = _opt("must be an integer >= 2", ge=2)
-    crop: int = _opt(f"must be an integer in {MIN_SIZE}..{MAX_SIZE}", ge=MIN_SIZE, le=MAX_SIZE)
-    min_scale: float = _opt("must be a number in (0, 1]", gt=0, le=1)
-    optimizer: Literal[OPTIMIZERS] = _opt()
-    momentum: float = _opt("must be a number in [0, 1)", ge=0, lt=1)
-    weight_decay: float = _opt("must be a number >= 0", ge=0)
-    warmup_epochs: float = _opt("must be a number >= 0", ge=0)
-    label_smoothing: float = _opt("must be a number in [0, 1)", ge=0, lt=1)
-    shuffle_buffer: int = _opt("must be an integer >= 0 (rows each worker shuffles locally)", ge=0)
-    seed: Optional[int] = _opt("must be null (train_rafdb.seed) or an integer")
+    mode: Literal["map", "adapt", "pretrain"] = Field("map")
+    data: Optional[str] = _d(None, "must be null or the parquet folder `fer ingest-imagenet` wrote",
+                             min_length=1)
+    epochs: int = _d(5, "must be an integer >= 1", ge=1)
+    finetune_epochs: int = _d(0, "must be an integer >= 0 (0: no full-network phase)", ge=0)
+    lr: float = _d(0.01, "must be a number > 0", gt=0)
+    finetune_lr: float = _d(0.001, "must be a number > 0", gt=0)
+    batch_size: int = _d(256, "must be an integer >= 2", ge=2)
+    crop: int = _d(224, f"must be an integer in {MIN_SIZE}..{MAX_SIZE}", ge=MIN_SIZE, le=MAX_SIZE)
+    min_scale: float = _d(0.08, "must be a number in (0, 1]", gt=0, le=1)
+    optimizer: Literal[OPTIMIZERS] = Field("sgd")
+    momentum: float = _d(0.9, "must be a number in [0, 1)", ge=0, lt=1)
+    weight_decay: float = _d(1e-4, "must be a number >= 0", ge=0)
+    warmup_epochs: float = _d(1, "must be a number >= 0", ge=0)
+    label_smoothing: float = _d(0.1, "must be a number in [0, 1)", ge=0, lt=1)
+    shuffle_buffer: int = _d(1024, "must be an integer >= 0 (rows each worker shuffles locally)", ge=0)
+    seed: Optional[int] = _d(None, "must be null (train_rafdb.seed) or an integer")
+
+
+def imagenet_problems(raw: dict[str, Any]) -> list[str]:
+    """What a (field-valid) ``imagenet_init`` section cannot run."""
+    s = raw.get("imagenet_init")
+    if not isinstance(s, dict) or s.get("mode", "map") == "map":
+        return []
+    if not s.get("data"):
+        return [f"imagenet_init.mode = {s['mode']}: set imagenet_init.data to the parquet folder "
+                "`fer ingest-imagenet` wrote"]
+    if s["mode"] == "adapt" and s["source"] == "none":
+        return ["imagenet_init.mode = adapt trains the parts vgg16_bn lacks around its weights: set "
+                "imagenet_init.source to torchvision or a vgg16_bn .pth (or use pretrain)"]
+    return []
 
 
 class Evaluate(_Section):
@@ -192,8 +205,8 @@ class Mlflow(_Section):
 
 
 class Tune(_Section):
-    """`fer tune`'s settings (the defaults are the sweep's). The search space's own language
-    (distributions, tunable keys) is checked by pipeline.train.sweep_settings.validate_space."""
+    """`fer tune`'s settings (the defaults are the sweep's); the search space's language and the
+    rules between keys are `tune_problems`."""
     dataset: Literal["rafdb", "sfew"] = _d("rafdb", "must be rafdb (train_rafdb's settings) or sfew "
                                             "(finetune_sfew's, from models/rafdb)")
     num_samples: int = _d(8, "must be an integer >= 1", ge=1)
@@ -208,6 +221,71 @@ class Tune(_Section):
     fixed: dict[str, Any] = _d({}, "must be a mapping of training keys")
     space: dict[str, Any] = _key("must be a non-empty mapping of training keys to distributions, "
                                  "e.g. {lr: {loguniform: [0.001, 0.1]}}", min_length=1)
+
+
+#: Where a sweep's trials take their training section from.
+TUNE_DATASETS = {"rafdb": "train_rafdb", "sfew": "finetune_sfew"}
+#: TrainRun fields a sweep owns itself (paths, Ray sizing, the epoch budget): not tunable.
+NOT_TUNABLE = frozenset({"data", "output", "storage_path", "run_name", "mlflow_run_id", "num_workers",
+                         "use_gpu", "cpus_per_worker", "max_failures", "init", "epochs", "num_classes",
+                         "amp", "channels_last"})
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+#: The network's shape: fixed when a sweep fine-tunes models/rafdb on SFEW.
+ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck")
+
+
+def tunable_keys() -> list[str]:
+    return [k for k in TrainRun.model_fields if k not in NOT_TUNABLE]
+
+
+def is_number(v: Any, integer: bool = False) -> bool:
+    return isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+
+
+def _space_problem(key: str, spec: Any, allowed: list[str]) -> str | None:
+    """``tune.space.<key>``: a tunable key mapped to a plain value or ``{distribution: [args]}``."""
+    if key not in allowed:
+        return f"tune.space: {key!r} cannot be tuned; tunable keys: {', '.join(allowed)}"
+    if not isinstance(spec, dict):
+        return None  # a constant
+    if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        return (f"tune.space.{key} = {_show(spec)}: must be one of "
+                + ", ".join(f"{{{d}: [...]}}" for d in DISTRIBUTIONS) + " or a plain value")
+    (kind, args), = spec.items()
+    where = f"tune.space.{key}.{kind} = {_show(args)}: needs"
+    if not isinstance(args, list) or not args:
+        return f"{where} a non-empty list"
+    if kind in ("loguniform", "uniform", "randint"):
+        if len(args) != 2 or not all(map(is_number, args)) or not args[0] < args[1]:
+            return f"{where} [low, high] numbers with low < high"
+        if kind == "loguniform" and args[0] <= 0:
+            return f"{where} low > 0"
+        if kind == "randint" and not all(is_number(a, integer=True) for a in args):
+            return f"{where} integers"
+    return None
+
+
+def tune_problems(raw: dict[str, Any]) -> list[str]:
+    """The rules of a (field-valid) ``tune:`` section that tie its keys to each other and to the
+    training sections."""
+    t = raw.get("tune")
+    if not isinstance(t, dict):
+        return []
+    allowed = tunable_keys()
+    space, fixed = t.get("space") or {}, t.get("fixed") or {}
+    out = [p for k, s in space.items() if (p := _space_problem(k, s, allowed))]
+    bad = sorted(set(fixed) - set(allowed))
+    if bad:
+        out.append(f"tune.fixed: {bad} cannot be set here; allowed: {', '.join(allowed)}")
+    dataset = t.get("dataset", "rafdb")
+    max_epochs = t.get("max_epochs") or (raw.get(TUNE_DATASETS[dataset]) or {}).get("epochs", 1)
+    if t.get("grace_period", 1) > max_epochs:
+        out.append(f"tune.grace_period = {t['grace_period']}: exceeds max_epochs={max_epochs}")
+    arch = sorted(k for k in [*space, *fixed] if k in ARCH_KEYS)
+    if dataset == "sfew" and arch:
+        out.append(f"tune.dataset = sfew fine-tunes models/rafdb/model.pt: its architecture "
+                   f"({', '.join(arch)}) cannot change in the sweep")
+    return out
 
 
 class Params(_Section):
@@ -237,7 +315,7 @@ def problems(raw: Any) -> list[str]:
         Params.model_validate(raw)
     except ValidationError as e:
         return _explain(e.errors(include_url=False), raw, Params)
-    return _section_cross_problems(raw)
+    return _section_cross_problems(raw) + tune_problems(raw) + imagenet_problems(raw)
 
 
 def _section_cross_problems(raw: dict[str, Any]) -> list[str]:

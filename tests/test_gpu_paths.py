@@ -22,7 +22,8 @@ from torch import nn
 from pipeline.errors import FerError
 from pipeline.model import ECA, lip_vgg16
 from pipeline.model.lip import LIPPool2d
-from pipeline.train.config import TrainConfig, maybe_compile, resolve_amp, resolve_channels_last
+from pipeline.model.speed import maybe_compile, resolve_amp, resolve_channels_last
+from pipeline.train.config import TrainConfig
 from pipeline.train.worker import train_step
 from test_evaluate import CROP, IMAGE_SIZE, make_assets
 
@@ -263,7 +264,7 @@ def test_gpu_marker_is_registered(pytestconfig):
 
 
 def test_cpu_bf16_detection_can_be_forced(monkeypatch):
-    from pipeline.train.config import cpu_has_native_bf16
+    from pipeline.model.speed import cpu_has_native_bf16
 
     monkeypatch.setenv("FER_CPU_BF16", "1")
     assert cpu_has_native_bf16() and resolve_amp("auto", "cpu")

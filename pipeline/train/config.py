@@ -7,11 +7,10 @@ its MLflow run id makes a changed copy (`cfg.model_copy(update=...)`).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError
 
 from pipeline.errors import FerError
 from pipeline.params_schema import TrainRun, run_problems
@@ -21,10 +20,13 @@ class TrainConfig(TrainRun):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     def __init__(self, **values: Any) -> None:
-        found = run_problems(values)
+        try:  # pydantic validates once; its errors become the schema's one-line messages
+            super().__init__(**values)
+            found = run_problems(self.model_dump())
+        except ValidationError as e:
+            found = run_problems(values, e)
         if found:
             raise FerError("bad training config: " + "; ".join(found))
-        super().__init__(**values)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -50,59 +52,3 @@ class TrainConfig(TrainRun):
         if self.run_name:
             return self.run_name
         return "train-" + (Path(self.output).resolve().name or "run")
-
-
-# ---------------------------------------------------------------------------- speed switches
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): only there bf16 autocast
-    beats fp32 on CPU; elsewhere oneDNN emulates it and is slower (reports/bf16_cpu.json).
-    ``FER_CPU_BF16=0`` (or ``1``) overrides the detection: the test suite sets 0, so that its
-    exact comparisons run the same fp32 kernels on every CI machine."""
-    forced = os.environ.get("FER_CPU_BF16", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not flags
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_amp(amp: bool | str, device) -> bool:
-    """bf16 autocast for `amp` = true/false/"auto" (auto: CUDA, or a CPU with native bf16)."""
-    import torch
-
-    if amp != "auto":
-        return bool(amp)
-    kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
-
-
-def resolve_channels_last(channels_last: bool | str, device) -> bool:
-    """channels_last for true/false/"auto" (auto: CUDA only; on CPU it measured no faster)."""
-    import torch
-
-    if channels_last != "auto":
-        return bool(channels_last)
-    return torch.device(device).type == "cuda"
-
-
-def maybe_compile(model, compile: bool):
-    """torch.compile(model) when asked; a missing C++ compiler (inductor's CPU backend) is a FerError."""
-    if not compile:
-        return model
-    import shutil
-
-    import torch
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")) and not torch.cuda.is_available():
-        raise FerError("model.compile: true needs a C++ compiler (g++) for torch.compile on CPU; "
-                       "install one or set compile: false")
-    return torch.compile(model)

@@ -28,21 +28,13 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.errors import FerError
 
-MODES = ("map", "adapt", "pretrain")
-#: imagenet_init keys with their defaults when params.yaml leaves them out.
-DEFAULTS: dict[str, Any] = {
-    "mode": "map", "data": None, "epochs": 5, "finetune_epochs": 0, "lr": 0.01,
-    "finetune_lr": 0.001, "batch_size": 256, "crop": 224, "min_scale": 0.08, "optimizer": "sgd",
-    "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 1, "label_smoothing": 0.1,
-    "shuffle_buffer": 1024, "seed": None,
-}
+#: imagenet_init keys that are not TrainConfig fields (the rest are passed through to it).
 _SECTION_ONLY = ("source", "mode", "data", "finetune_epochs", "finetune_lr", "min_scale",
                  "shuffle_buffer")
 
@@ -76,100 +68,56 @@ def _rss_mb() -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------- the worker loop
 def imagenet_loop_per_worker(config: dict) -> None:
+    """The face loop's building blocks (pipeline.train.worker) around streamed batches and a
+    top-1/top-5 validation; no early stopping, so no best state."""
     import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
     from pipeline.data.loader import normalize
-    from pipeline.model import checkpoint, lip_vgg16
-    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, resume,
-                                       _sync_buffers, _unwrap, end_epoch, lr_lambda, make_optimizer,
-                                       train_step)
+    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, _sync_buffers,
+                                       build_model, end_epoch, epoch_logger, resume, setup_worker,
+                                       train_epoch)
 
     cfg = config
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"  # bf16 autocast and channels_last: on GPU unless set
-    amp = on_gpu if cfg.get("amp", "auto") == "auto" else bool(cfg["amp"])
-    channels_last = on_gpu if cfg.get("channels_last", "auto") == "auto" else bool(cfg["channels_last"])
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    seed = int(cfg["seed"])
-    local_bs = cfg["batch_size"] // world
+    rank, world, device, amp, channels_last = setup_worker(cfg)
     steps = int(cfg["steps_per_epoch"])
-
-    torch.manual_seed(seed)
-    model = lip_vgg16(**cfg["model_config"])
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg["init"] != "none":
-        checkpoint.load_init(model, cfg["init"])
-    frozen_bn = _freeze(model) if cfg["freeze"] else []
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    raw = _unwrap(model)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+    frozen_bn: list[nn.Module] = []  # adapt: these keep ImageNet's running statistics
+    freeze = (lambda m: frozen_bn.extend(_freeze(m))) if cfg["freeze"] else None
+    model, raw, optimizer, scheduler, ckpt = build_model(cfg, rank, steps, channels_last, before_ddp=freeze)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-
     start, history = 1, []
-    if (st := resume(ckpt, rank, raw, optimizer, scheduler)) is not None:
+    if (st := resume(ckpt, cfg, rank, raw, optimizer, scheduler)) is not None:
         start, history = st["epoch"] + 1, st["history"]
-    else:
-        torch.manual_seed(seed * 1000 + rank)
+    on_epoch = epoch_logger(cfg, rank, prefix=f"{cfg['phase']}_")
 
-    on_epoch = None
-    if rank == 0 and cfg.get("mlflow_run_id"):
-        import os
-
-        if cfg.get("mlflow_tracking_uri"):
-            os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
-        from pipeline.tracking import log_epoch
-
-        on_epoch = lambda m, e: log_epoch(  # noqa: E731
-            cfg["mlflow_run_id"], {f"{cfg['phase']}_{k}": v for k, v in m.items()}, e)
-
+    dtypes = {"image": torch.uint8, "label": torch.int64}
+    as_xy = lambda batches: ((normalize(b["image"].permute(0, 3, 1, 2)), b["label"]) for b in batches)  # noqa: E731
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start, cfg["epochs"] + 1):
         _maybe_fail(cfg, epoch, rank)
         model.train()
         for m in frozen_bn:
-            m.eval()  # frozen BN keeps ImageNet's running statistics too
+            m.eval()
         rss_before, _ = _rss_mb()
         t0 = time.perf_counter()
-        loss_sum, correct, seen, done = 0.0, 0, 0, 0
-        for batch in train_shard.iter_torch_batches(
-                batch_size=local_bs, drop_last=True, local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                dtypes={"image": torch.uint8, "label": torch.int64}, device=device):
-            x = normalize(batch["image"].permute(0, 3, 1, 2))
-            y = batch["label"]
-            lr = optimizer.param_groups[0]["lr"]
-            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
-                                      channels_last=channels_last)
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            done += 1
+        loss_sum, correct_g, seen_g, lr, done = train_epoch(
+            model, as_xy(train_shard.iter_torch_batches(
+                batch_size=cfg["batch_size"] // world, drop_last=True, dtypes=dtypes, device=device,
+                local_shuffle_buffer_size=cfg["shuffle_buffer"] or None)),
+            criterion, optimizer, scheduler, device=device, amp=amp, channels_last=channels_last)
         if done != steps:  # equal splits and drop_last make this exact; say so if not
             _say(f"warning: rank {rank} ran {done} steps, expected {steps}")
-        loss_sum, correct_g, seen_g = _all_reduce([loss_sum, correct, seen], device=device)
         train_time = time.perf_counter() - t0
         _sync_buffers(raw)
         raw.eval()
         top1 = top5 = n_val = 0
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8,
-                                                                              "label": torch.int64},
-                                                      device=device):
-                x = normalize(batch["image"].permute(0, 3, 1, 2))
+            for x, y in as_xy(val_shard.iter_torch_batches(batch_size=256, dtypes=dtypes, device=device)):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = raw(x).float()
-                y = batch["label"]
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 top1 += int((top[:, 0] == y).sum())
@@ -192,7 +140,7 @@ def imagenet_loop_per_worker(config: dict) -> None:
             f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
             f"{peak:.0f} MB"),
             state=lambda: {
-                "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                "model": _cpu_state(raw), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                 "model_config": dict(cfg["model_config"]),
             })
@@ -200,17 +148,13 @@ def imagenet_loop_per_worker(config: dict) -> None:
 
 # ---------------------------------------------------------------------------- the driver
 def settings(section: dict) -> dict:
-    """The imagenet_init section with its defaults filled in, checked (FerError on a bad value)."""
-    s = {**DEFAULTS, **section}
-    if s["mode"] not in MODES:
-        raise FerError(f"imagenet_init.mode = {s['mode']!r} must be one of {list(MODES)}")
-    if s["mode"] != "map" and not s["data"]:
-        raise FerError(f"imagenet_init.mode = {s['mode']}: set imagenet_init.data to the parquet "
-                       "folder `fer ingest-imagenet` wrote")
-    if s["mode"] == "adapt" and s["source"] == "none":
-        raise FerError("imagenet_init.mode = adapt trains the parts vgg16_bn lacks around its weights: "
-                       "set imagenet_init.source to torchvision or a vgg16_bn .pth (or use pretrain)")
-    return s
+    """The imagenet_init section with the schema's defaults filled in (FerError on a bad value)."""
+    from pipeline.params_schema import ImagenetInit, problems
+
+    found = problems({"imagenet_init": section})
+    if found:
+        raise FerError("; ".join(found))
+    return ImagenetInit.model_validate(section).model_dump()
 
 
 def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_config=None) -> dict:

@@ -9,17 +9,18 @@ from typing import Any
 
 from pipeline.errors import FerError
 from pipeline.train.sweep_runs import find_runs
-from pipeline.train.sweep_settings import DATASETS, MODEL_KEYS, _is_num
+from pipeline.params_schema import is_number
+from pipeline.train.sweep_settings import DATASETS, MODEL_KEYS
 
 METRIC, MODE = "val_accuracy", "max"
 SIG_DIGITS = 4                 # best values are rounded to this many significant digits
 
 
-def _round(v: Any) -> Any:
+def round_sig(v: Any) -> Any:
     if isinstance(v, float) and math.isfinite(v) and v != 0:
         return float(f"{v:.{SIG_DIGITS}g}")
     if hasattr(v, "item"):  # numpy scalars from tune.choice
-        return _round(v.item())
+        return round_sig(v.item())
     return v
 
 
@@ -37,12 +38,12 @@ def trial_rows(grid, max_epochs: int, ctx: dict[str, Any]) -> list[dict[str, Any
         trial_id = m.get("trial_id") or Path(res.path).name
         df = res.metrics_dataframe
         seen = [float(df[METRIC].max())] if df is not None and METRIC in df else []
-        seen += [float(m[k]) for k in (METRIC, "best_val_accuracy") if _is_num(m.get(k))]
+        seen += [float(m[k]) for k in (METRIC, "best_val_accuracy") if is_number(m.get(k))]
         best = max(seen) if seen else float("nan")
         epoch = int(m.get("epoch") or 0)
         rows.append({
             "trial_id": trial_id, "config": dict(res.config), "checkpoint_path": m.get("checkpoint_path"),
-            "params": {k: _round(res.config[k]) for k in sorted(res.config)},
+            "params": {k: round_sig(res.config[k]) for k in sorted(res.config)},
             "epochs": epoch, "val_accuracy": m.get(METRIC), "best_val_accuracy": best,
             "status": "error" if res.error else ("stopped" if epoch < max_epochs else "completed"),
             "mlflow_run_id": run_ids.get(trial_id),
@@ -101,7 +102,7 @@ def noise_note(rows: list[dict[str, Any]], best: dict[str, Any], seed_std: float
     return out
 
 
-def _seed_std(root: Path) -> float | None:
+def ablation_seed_std(root: Path) -> float | None:
     """The largest per-row seed std in reports/ablation.json (written by `fer ablation`), if any."""
     try:
         rows = json.loads((root / "reports" / "ablation.json").read_text())["rows"]

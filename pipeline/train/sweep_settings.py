@@ -1,5 +1,5 @@
-"""The ``tune:`` section of params.yaml: its keys, their checks, the trials' base training
-options, the sweep's name, and ``--apply`` (best values written back, comments kept).
+"""The ``tune:`` section of params.yaml with its defaults (checked by the params schema), the
+trials' base training options, the sweep's name, and ``--apply`` (values written back, comments kept).
 
 The ``tune:`` section of params.yaml (all keys optional except ``space``)::
 
@@ -27,99 +27,39 @@ from typing import Any
 
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
-from pipeline.params_schema import Tune, problems
+from pipeline.params_schema import TUNE_DATASETS as DATASETS
+from pipeline.params_schema import Model, Tune, problems
 
-DATASETS = {"rafdb": "train_rafdb", "sfew": "finetune_sfew"}
-MODEL_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck", "dropout")
-ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck")
-#: TrainConfig fields a sweep owns itself (paths, Ray sizing, the epoch budget): not tunable.
-NOT_TUNABLE = {"data", "output", "storage_path", "run_name", "mlflow_run_id", "num_workers", "use_gpu",
-               "cpus_per_worker", "max_failures", "init", "epochs", "num_classes", "amp", "channels_last"}
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-
-
-# --------------------------------------------------------------------------- settings
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def tunable_keys() -> list[str]:
-    from pipeline.train.config import TrainConfig
-
-    return [k for k in TrainConfig.field_names() if k not in NOT_TUNABLE]
-
-
-def validate_space(space: dict[str, Any]) -> dict[str, Any]:
-    """Check the ``space`` mapping's keys and distributions (see the module doc; the schema has
-    already checked that it is a non-empty mapping); returns it unchanged."""
-    allowed = tunable_keys()
-    for key, spec in space.items():
-        if key not in allowed:
-            raise FerError(f"tune.space: {key!r} cannot be tuned; tunable keys: {', '.join(allowed)}")
-        if not isinstance(spec, dict):
-            continue  # a constant
-        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise FerError(f"tune.space.{key}: {spec!r} must be one of "
-                           + ", ".join(f"{{{d}: [...]}}" for d in DISTRIBUTIONS) + " or a plain value")
-        (kind, args), = spec.items()
-        if not isinstance(args, list) or not args:
-            raise FerError(f"tune.space.{key}.{kind} needs a non-empty list, got {args!r}")
-        if kind in ("loguniform", "uniform", "randint"):
-            if len(args) != 2 or not all(_is_num(a) for a in args) or not args[0] < args[1]:
-                raise FerError(f"tune.space.{key}.{kind} needs [low, high] numbers with low < high, got {args!r}")
-            if kind == "loguniform" and args[0] <= 0:
-                raise FerError(f"tune.space.{key}.loguniform needs low > 0, got {args!r}")
-            if kind == "randint" and not all(_is_int(a) for a in args):
-                raise FerError(f"tune.space.{key}.randint needs integers, got {args!r}")
-    return space
+#: Searched keys that `--apply` writes into the model section (the rest: the training section).
+MODEL_KEYS = tuple(Model.model_fields)
 
 
 def tune_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``tune:`` section with its defaults filled in: types, ranges and unknown keys are
-    checked by the params schema (pipeline.params_schema.Tune), the sweep's own rules here."""
+    """The ``tune:`` section with its defaults filled in, checked by the params schema (its fields
+    and `tune_problems`: the search space, ``fixed``, grace period, SFEW's fixed architecture)."""
     if "tune" not in params or not isinstance(params.get("tune"), dict):
         raise FerError("params.yaml has no 'tune' section (see `fer tune --help` for its keys)")
-    found = problems({"tune": params["tune"]})
+    found = problems(params)
     if found:
         raise FerError("; ".join(found))
     s = {**{k: f.get_default(call_default_factory=True) for k, f in Tune.model_fields.items()}, **params["tune"]}
     train = section(params, DATASETS[s["dataset"]])
     if s["max_epochs"] is None:
         s["max_epochs"] = train.get("epochs", 1)
-    if s["grace_period"] > s["max_epochs"]:
-        raise FerError(f"tune.grace_period={s['grace_period']} exceeds max_epochs={s['max_epochs']}")
-    bad = sorted(set(s["fixed"]) - set(tunable_keys()))
-    if bad:
-        raise FerError(f"tune.fixed: {bad} cannot be set here; allowed: {', '.join(tunable_keys())}")
-    validate_space(s["space"])
-    if s["dataset"] == "sfew":
-        arch = sorted(k for k in list(s["space"]) + list(s["fixed"]) if k in ARCH_KEYS)
-        if arch:
-            raise FerError(f"tune.dataset sfew fine-tunes models/rafdb/model.pt: its architecture "
-                           f"({', '.join(arch)}) cannot change in the sweep")
     return s
 
 
-def _resolve(root: Path, p: str) -> str:
+def resolve_path(root: Path, p: str) -> str:
+    """``p`` relative to the params file's folder (a URI as it is)."""
     return p if "://" in p else str((root / p).resolve())
 
 
 def base_options(params: dict[str, Any], settings: dict[str, Any], root: Path) -> dict[str, Any]:
     """The TrainConfig options every trial starts from: model + ray + the dataset's training
     section (as the DVC stage reads them) + ``tune.fixed``."""
-    from pipeline.train.config import TrainConfig
-
     opts = {**section(params, "model"), **section(params, "ray"),
             **section(params, DATASETS[settings["dataset"]]), **settings["fixed"]}
     opts.pop("storage_path", None)
-    known = set(TrainConfig.field_names())
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise FerError(f"unknown training key(s) {unknown} in params.yaml")
     opts.update(epochs=settings["max_epochs"], num_workers=settings["workers_per_trial"])
     return opts
 

@@ -37,10 +37,10 @@ from pipeline.cluster import concurrency, ensure_ray, job_env, worker_resources
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.train import pg_release
-from pipeline.train.sweep_results import (METRIC, MODE, _round, _seed_std, format_table, noise_note,
+from pipeline.train.sweep_results import (METRIC, MODE, ablation_seed_std, round_sig, format_table, noise_note,
                                           pick_best, targets, trial_rows)
 from pipeline.train.sweep_runs import parent_run, trial_run, trial_callback
-from pipeline.train.sweep_settings import _resolve, apply_best, base_options, sweep_name, tune_settings
+from pipeline.train.sweep_settings import apply_best, base_options, resolve_path, sweep_name, tune_settings
 
 
 def build_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     if not data.is_dir():
         raise FerError(f"dataset {data} not found (run `dvc repro ingest@{dataset}` first)")
     ray_sec = section(params, "ray")
-    storage = _resolve(root, str(ray_sec.get("storage_path", "ray_results")))
+    storage = resolve_path(root, str(ray_sec.get("storage_path", "ray_results")))
     if dataset == "sfew":
         init = root / "models" / "rafdb" / "model.pt"
         if not init.is_file():
@@ -154,7 +154,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     else:
         source = str(section(params, "imagenet_init").get("source", "none")) if "imagenet_init" in params else "none"
         init_spec = "none" if source == "none" else "imagenet:" + (source if source == "torchvision"
-                                                                   else _resolve(root, source))
+                                                                   else resolve_path(root, source))
     base = base_options(params, settings, root)
     # one resolvable check of the base config before anything starts
     from pipeline.train.config import TrainConfig
@@ -251,7 +251,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     if started:
         ray.shutdown()
 
-    best_params = {k: _round(v) for k, v in best["params"].items() if k in settings["space"]}
+    best_params = {k: round_sig(v) for k, v in best["params"].items() if k in settings["space"]}
     doc = {
         "sweep": name, "dataset": dataset, "metric": METRIC, "mode": MODE,
         "best_trial": best["trial_id"], "best_val_accuracy": round(best["best_val_accuracy"], 6),
@@ -261,7 +261,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
         "params": best_params, "apply": targets(best_params, dataset),
         "trials": n_done, "stopped_early": sum(r["status"] == "stopped" for r in rows),
         "wall_time_s": round(wall, 1),
-        "noise": noise_note(rows, best, _seed_std(Path(params_path).resolve().parent)),
+        "noise": noise_note(rows, best, ablation_seed_std(Path(params_path).resolve().parent)),
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ name picks it up through `ray.train.get_checkpoint()` and continues with the nex
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -143,11 +144,14 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def resume(ckpt, rank: int, raw: nn.Module, optimizer, scheduler) -> dict | None:
-    """Continue from Ray's checkpoint (None: a fresh start): model, optimiser, schedule and this
-    rank's RNG state are restored; the training state dict is returned for the loop's own fields."""
+def resume(ckpt, cfg: dict, rank: int, raw: nn.Module, optimizer, scheduler) -> dict | None:
+    """Seed this rank's RNGs (dropout etc. differ per rank), then continue from Ray's checkpoint
+    (None: a fresh start): model, optimiser, schedule and this rank's RNG state are restored; the
+    training state dict is returned for the loop's own fields."""
     from pipeline.model import checkpoint
 
+    torch.manual_seed(int(cfg["seed"]) * 1000 + rank)
+    random.seed(int(cfg["seed"]) * 1000 + rank)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -215,31 +219,104 @@ def _maybe_fail(cfg: dict, epoch: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
 
 
-# ---------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict) -> None:
+def setup_worker(cfg: dict):
+    """(rank, world size, device, amp, channels_last) of this worker, its torch threads set."""
     import ray.train
     import ray.train.torch
 
-    from pipeline.data.loader import load_split
-    from pipeline.train.imbalance import make_batches, make_criterion
-    from pipeline.model import checkpoint, lip_vgg16
+    from pipeline.model.speed import resolve_amp, resolve_channels_last
 
-    cfg = config
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    from pipeline.train.config import maybe_compile, resolve_amp, resolve_channels_last
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    return (ctx.get_world_rank(), ctx.get_world_size(), device, resolve_amp(cfg["amp"], device),
+            resolve_channels_last(cfg["channels_last"], device))
 
-    amp = resolve_amp(cfg["amp"], device)
-    channels_last = resolve_channels_last(cfg["channels_last"], device)
+
+def build_model(cfg: dict, rank: int, steps: int, channels_last: bool, before_ddp=None):
+    """The seeded network (identical on every rank; the init checkpoint on a fresh start),
+    ``before_ddp(model)`` (ImageNet adapt freezes there), DDP, torch.compile when asked, and its
+    optimiser and per-step LR schedule: ``(model, raw, optimizer, scheduler, Ray checkpoint)``.
+    ``raw`` is the uncompiled, unwrapped module that state dicts and validation use."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.model import checkpoint, lip_vgg16
+    from pipeline.model.speed import maybe_compile
+
+    torch.manual_seed(int(cfg["seed"]))
+    model = lip_vgg16(**cfg["model_config"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg["init"] != "none":
+        rep = checkpoint.load_init(model, cfg["init"])
+        if rank == 0:
+            _say(f"init from {cfg['init']}: copied {len(rep['copied'])} tensors, "
+                 f"re-initialised {len(rep['reinit'])} (classifier), {len(rep['missing'])} not in file")
+    if before_ddp is not None:
+        before_ddp(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    raw = _unwrap(model)
+    # compiled after DDP wraps it (DDPOptimizer splits the graph at bucket boundaries)
+    model = maybe_compile(model, bool(cfg.get("compile", False)))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+    return model, raw, optimizer, scheduler, ckpt
+
+
+def train_epoch(model, batches: Iterable, criterion, optimizer, scheduler, *, device, amp: bool,
+                channels_last: bool, on_step=None) -> tuple[float, float, float, float, int]:
+    """One pass over ``(x, y)`` batches: (loss sum, correct, images) summed over the workers, the
+    lr of the last step and the steps this worker ran. ``on_step(step)`` after each step."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = steps = 0
+    lr = optimizer.param_groups[0]["lr"]
+    for x, y in batches:
+        lr = optimizer.param_groups[0]["lr"]  # reported: the lr of the epoch's last step
+        loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
+                                  channels_last=channels_last)
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        steps += 1
+        if on_step is not None:
+            on_step(steps)
+    loss_sum, correct, seen = _all_reduce([float(loss_sum), float(correct), seen], device=device)
+    return loss_sum, correct, seen, lr, steps
+
+
+def epoch_logger(cfg: dict, rank: int, prefix: str = ""):
+    """Rank 0's per-epoch MLflow logging ``(metrics, epoch)`` into the driver's store, or None."""
+    if rank != 0 or not cfg.get("mlflow_run_id"):
+        return None
+    if cfg.get("mlflow_tracking_uri"):  # workers run elsewhere: log to the driver's store
+        os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
+    try:
+        from pipeline.tracking import log_epoch
+    except ImportError as e:
+        _say(f"warning: no per-epoch MLflow logging ({e})")
+        return None
+    return lambda metrics, epoch: log_epoch(cfg["mlflow_run_id"], {prefix + k: v for k, v in metrics.items()},
+                                            epoch)
+
+
+# ---------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict) -> None:
     import logging
 
     from pipeline import LOG_LEVEL
+    from pipeline.data.loader import load_split
+    from pipeline.train.imbalance import make_batches, make_criterion
+    from pipeline.train.progress import step_reporter
 
+    cfg = config
+    rank, world, device, amp, channels_last = setup_worker(cfg)
     # Ray Train's per-report INFO lines reach the console through the root logger too
     logging.getLogger("ray.train").setLevel(LOG_LEVEL)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg["torch_threads"]))
     seed = int(cfg["seed"])
 
     # ---- data: this worker's shard of train and val, kept on the device as uint8
@@ -258,71 +335,29 @@ def train_loop_per_worker(config: dict) -> None:
     counts = torch.bincount(ty, minlength=cfg["num_classes"]).double()
     counts = torch.tensor(_all_reduce(counts.tolist(), device=device), dtype=torch.float64)
 
-    # ---- model, optimiser, schedule
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = lip_vgg16(**cfg["model_config"])
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg["init"] != "none":
-        rep = checkpoint.load_init(model, cfg["init"])
-        if rank == 0:
-            _say(f"init from {cfg['init']}: copied {len(rep['copied'])} tensors, "
-                 f"re-initialised {len(rep['reinit'])} (classifier), {len(rep['missing'])} not in file")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    raw = _unwrap(model)
-    # compiled after DDP wraps it (DDPOptimizer splits the graph at bucket boundaries); state
-    # dicts, checkpoints and validation keep using `raw`, the uncompiled module
-    model = maybe_compile(model, bool(cfg.get("compile", False)))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+    # ---- model, optimiser, schedule, loss; then resume
+    model, raw, optimizer, scheduler, ckpt = build_model(cfg, rank, steps, channels_last)
     criterion = make_criterion(cfg, counts, device)  # plain / class-weighted / logit-adjusted
-
-    # ---- resume
-    torch.manual_seed(seed * 1000 + rank)  # dropout etc. differ per rank
-    random.seed(seed * 1000 + rank)
     start, best_acc, best_epoch, best_state, bad, stopped, history = 1, -1.0, 0, None, 0, False, []
-    if (st := resume(ckpt, rank, raw, optimizer, scheduler)) is not None:
+    if (st := resume(ckpt, cfg, rank, raw, optimizer, scheduler)) is not None:
         start = st["epoch"] + 1
         best_acc, best_epoch, best_state = st["best_val_accuracy"], st["best_epoch"], st["best_state"]
         bad, stopped, history = st["bad_epochs"], st["stopped"], st["history"]
     if stopped:
         return  # early-stopped before: the last checkpoint already holds the final state
-
-    on_epoch = None
-    if rank == 0 and cfg.get("mlflow_run_id"):
-        if cfg.get("mlflow_tracking_uri"):  # workers run elsewhere: log to the driver's store
-            os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
-        try:
-            from pipeline.tracking import log_epoch
-
-            on_epoch = functools.partial(log_epoch, cfg["mlflow_run_id"])  # (metrics, epoch)
-        except ImportError as e:
-            _say(f"warning: no per-epoch MLflow logging ({e})")
+    on_epoch = epoch_logger(cfg, rank)
 
     # ---- epochs
-    from pipeline.train.progress import step_reporter
-
     show_step = step_reporter(cfg, rank, steps, cfg["epochs"])  # the driver's bar (a terminal)
     for epoch in range(start, cfg["epochs"] + 1):
         _maybe_fail(cfg, epoch, rank)
         model.train()
         batches.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        for i, (x, y) in zip(range(steps), batches):
-            lr = optimizer.param_groups[0]["lr"]  # reported: the lr of the epoch's last step
-            loss, logits = train_step(model, x, y, criterion, optimizer, scheduler, amp=amp,
-                                      channels_last=channels_last)
-            loss_sum += loss.double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if show_step is not None:
-                show_step(epoch, i + 1)
-        loss_sum, correct_g, seen_g = _all_reduce([float(loss_sum), float(correct), seen], device=device)
+        loss_sum, correct_g, seen_g, lr, _ = train_epoch(
+            model, itertools.islice(batches, steps), criterion, optimizer, scheduler, device=device,
+            amp=amp, channels_last=channels_last,
+            on_step=None if show_step is None else functools.partial(show_step, epoch))
         train_time = time.perf_counter() - t0
         _sync_buffers(raw)
         vc, vn = count_correct(raw, vx, vy, cfg["crop"], amp=amp, channels_last=channels_last)
