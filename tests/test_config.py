@@ -133,6 +133,13 @@ BAD = [
     ("tune without space", _set("tune", "space", delete=True), "tune.space is required: must be a non-empty mapping"),
     ("tune name with a slash", _set("tune", "name", value="a/b"),
      "tune.name = 'a/b': must be null or a name of letters, digits"),
+    ("tune space key not tunable", _set("tune", "space", value={"data": {"choice": ["a"]}}),
+     "tune.space: 'data' cannot be tuned; tunable keys: "),
+    ("tune loguniform from 0", _set("tune", "space", value={"lr": {"loguniform": [0, 1]}}),
+     "tune.space.lr.loguniform = [0, 1]: needs low > 0"),
+    ("tune grace over budget", _set("tune", "grace_period", value=99), "tune.grace_period = 99: exceeds max_epochs="),
+    ("imagenet pretrain without data", _set("imagenet_init", "mode", value="pretrain"),
+     "imagenet_init.mode = pretrain: set imagenet_init.data to the parquet folder"),
     ("broken YAML", "model: [1, 2\n", "is not valid YAML: line 2, column 1: "),
 ]
 

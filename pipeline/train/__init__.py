@@ -1,5 +1,8 @@
-"""Distributed training on Ray Train: `TrainConfig` (config.py), the per-worker loop (worker.py),
-the TorchTrainer launcher (launch.py) and Ray Tune sweeps (tune.py).
+"""Distributed training on Ray Train. `TrainConfig` (config.py) is a run's frozen config;
+worker.py is the per-worker loop and its blocks; launch.py builds the one TorchTrainer (`fit`)
+for a stage, a Tune trial (tune.py, sweep_*.py, pg_release.py) and an ablation row; imagenet.py
+is imagenet_init's streamed loop on the same blocks; imbalance.py the rare-class options;
+progress.py the driver's in-epoch bar.
 
 `run_training` is imported lazily so that `import pipeline.train` does not pull in Ray or torch.
 """
