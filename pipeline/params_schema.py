@@ -265,6 +265,12 @@ def _space_problem(key: str, spec: Any, allowed: list[str]) -> str | None:
     return None
 
 
+def tune_max_epochs(raw: dict[str, Any]) -> int:
+    """A sweep's epoch budget: ``tune.max_epochs``, else its training section's ``epochs`` (else 1)."""
+    t = raw["tune"]
+    return t.get("max_epochs") or (raw.get(TUNE_DATASETS[t.get("dataset", "rafdb")]) or {}).get("epochs", 1)
+
+
 def tune_problems(raw: dict[str, Any]) -> list[str]:
     """The rules of a (field-valid) ``tune:`` section that tie its keys to each other and to the
     training sections."""
@@ -278,7 +284,7 @@ def tune_problems(raw: dict[str, Any]) -> list[str]:
     if bad:
         out.append(f"tune.fixed: {bad} cannot be set here; allowed: {', '.join(allowed)}")
     dataset = t.get("dataset", "rafdb")
-    max_epochs = t.get("max_epochs") or (raw.get(TUNE_DATASETS[dataset]) or {}).get("epochs", 1)
+    max_epochs = tune_max_epochs(raw)
     if t.get("grace_period", 1) > max_epochs:
         out.append(f"tune.grace_period = {t['grace_period']}: exceeds max_epochs={max_epochs}")
     arch = sorted(k for k in [*space, *fixed] if k in ARCH_KEYS)

@@ -34,10 +34,6 @@ class TrainConfig(TrainRun):
             raise FerError(f"training config must be a mapping, got {type(d).__name__}")
         return cls(**d)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return list(cls.model_fields)
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data._util import check_replaceable, default_workers, replacing, write_marker
+from pipeline import params_schema
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
 from pipeline.model import checkpoint
 from pipeline.train.worker import CONFIG_FILE, train_loop_per_worker
 
 # Changing these between a run and its resume would load weights into a different network.
-ARCH_KEYS = ("num_classes", "pool", "head", "attention", "width", "lip_bottleneck")
+ARCH_KEYS = ("num_classes", *params_schema.ARCH_KEYS)
 
 
 def _is_uri(p: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.params_schema import TUNE_DATASETS as DATASETS
-from pipeline.params_schema import Model, Tune, problems
+from pipeline.params_schema import Model, Tune, problems, tune_max_epochs
 
 #: Searched keys that `--apply` writes into the model section (the rest: the training section).
 MODEL_KEYS = tuple(Model.model_fields)
@@ -43,9 +43,8 @@ def tune_settings(params: dict[str, Any]) -> dict[str, Any]:
     if found:
         raise FerError("; ".join(found))
     s = {**{k: f.get_default(call_default_factory=True) for k, f in Tune.model_fields.items()}, **params["tune"]}
-    train = section(params, DATASETS[s["dataset"]])
-    if s["max_epochs"] is None:
-        s["max_epochs"] = train.get("epochs", 1)
+    section(params, DATASETS[s["dataset"]])  # the trials' training section must be there
+    s["max_epochs"] = tune_max_epochs(params)
     return s
 
 
