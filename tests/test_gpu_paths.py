@@ -87,6 +87,7 @@ def test_lip_eca_and_loss_accurate_under_bf16():
     pool, eca = LIPPool2d(16), ECA(64)
     with torch.no_grad():
         pool.logit.body[6].weight.normal_()  # logits spread over SoftGate's range
+        pool.logit.body[7].weight.fill_(1.0)  # the last norm starts at zero gain
     x, f = torch.randn(4, 16, 24, 24), torch.randn(4, 64, 6, 6)
     logits, y = torch.randn(16, 7) * 3, torch.randint(0, 7, (16,))
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -163,6 +164,7 @@ def test_compiled_lip_block_matches_eager_and_trains():
     blk = LIPPool2d(8)
     with torch.no_grad():
         blk.logit.body[6].weight.normal_()
+        blk.logit.body[7].weight.fill_(1.0)  # the last norm starts at zero gain
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     ref = blk(x)
     ref.square().sum().backward()

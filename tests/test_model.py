@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from pipeline.errors import FerError
 from pipeline.model import ECA, LIPLogit, eca_kernel_size, lip2d, lip_vgg16
+from pipeline.model.lip import LIPPool2d
 from pipeline.model.pretrained import load_vgg16_bn_file, map_vgg16_bn
 
 VARIANTS = list(itertools.product(("lip", "max"), ("conv", "fc"), ("eca", "none")))
@@ -108,7 +110,7 @@ def test_output_shapes_all_variants_all_sizes(pool, head, attention):
 
 def test_bad_arguments_and_sizes():
     with pytest.raises(ValueError, match="pool"):
-        lip_vgg16(pool="avg")
+        lip_vgg16(pool="median")
     m = lip_vgg16(width=0.125).eval()
     with pytest.raises(ValueError, match="48..224"):
         m(torch.zeros(1, 3, 40, 40))
@@ -211,6 +213,42 @@ def test_lip_pool_keeps_the_shift_for_fp16():
     m = lip_vgg16(width=0.125).features[6]  # the first LIPPool2d
     with torch.no_grad():
         m.logit.body[6].weight.normal_()
+        m.logit.body[7].weight.fill_(1.0)  # the last norm starts at zero gain
         x = torch.randn(2, 8, 16, 16) * 100
         half = m.half()(x.half())  # logits up to 12 in fp16: the naive form would overflow
     assert torch.isfinite(half).all()
+
+
+def test_avg_pool_variant_is_average_pooling():
+    m = lip_vgg16(width=0.125, pool="avg")
+    pools = [f for f in m.features if isinstance(f, nn.AvgPool2d)]
+    assert len(pools) == 5 and all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+
+
+def test_lip_departs_from_average_pooling_smoothly():
+    """LIP starts as average pooling (every logit SoftGate(0) = 6) and its logits spread in
+    proportion to the optimiser's steps, never jumping to the norm's unit variance in one step
+    (the old start, a zero last conv before an InstanceNorm, went from constant to
+    12 * sigmoid(N(0, 1)) after the first step)."""
+    torch.manual_seed(0)
+    pool = LIPPool2d(16)
+    x = torch.randn(8, 16, 12, 12)
+    logits0 = pool.logit(x)
+    assert torch.allclose(logits0, torch.full_like(logits0, 6.0))
+    avg = F.avg_pool2d(x, 2, 2)
+    assert torch.allclose(pool(x), avg, atol=1e-6)
+    opt = torch.optim.AdamW(pool.parameters(), lr=1e-3)
+    target = torch.randn_like(avg)
+    spreads = []
+    for _ in range(5):
+        opt.zero_grad()
+        F.mse_loss(pool(x), target).backward()
+        opt.step()
+        with torch.no_grad():
+            lg = pool.logit(x)
+            spreads.append(float((lg - lg.mean(dim=(2, 3), keepdim=True)).abs().amax()))
+    # AdamW moves each gain by about lr per step, so the logits' spread after k steps is of the
+    # order of 12/4 * k * lr * (normalised activations of a few units): far below one unit.
+    assert 0 < spreads[0] < 0.1, spreads
+    assert all(b >= a * 0.5 for a, b in zip(spreads, spreads[1:])), spreads
+    assert spreads[-1] < 0.5, spreads

@@ -64,8 +64,14 @@ class SoftGate(nn.Module):
 class LIPLogit(nn.Module):
     """G(I): a conv/InstanceNorm/ReLU bottleneck ending in SoftGate (the LIP paper's BottleneckLIP).
 
-    The last conv is zero-initialised, so at start every logit is equal and LIP is average
-    pooling: ImageNet-initialised features are not disturbed before the logits learn.
+    The last InstanceNorm's gain and bias start at zero, so at start every logit is
+    SoftGate(0) = 6 and LIP is average pooling: ImageNet-initialised features are not disturbed
+    before the logits learn, and the logits then depart from a constant in proportion to the gain.
+    (Zeroing the last *conv* instead, as this module once did, does not give a smooth start: the
+    norm after it rescales the conv's first tiny non-zero output to unit variance, so one optimiser
+    step takes the logits from constant to 12 * sigmoid(N(0, 1)); reports/recipe.md measures both.)
+    The conv keeps its He init: with it zero too, the gain would get no gradient and LIP would stay
+    average pooling for ever.
     """
 
     def __init__(self, channels: int, bottleneck: float = 0.25):
@@ -85,7 +91,8 @@ class LIPLogit(nn.Module):
         self.reset_last()
 
     def reset_last(self) -> None:
-        nn.init.zeros_(self.body[6].weight)
+        nn.init.zeros_(self.body[7].weight)
+        nn.init.zeros_(self.body[7].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

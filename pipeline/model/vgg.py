@@ -24,7 +24,7 @@ def _features(pool: str, width: float, lip_bottleneck: float) -> nn.Sequential:
     for v in VGG16_CFG:
         if v == "P":
             layers.append(LIPPool2d(c_in, bottleneck=lip_bottleneck) if pool == "lip"
-                          else nn.MaxPool2d(2, 2))
+                          else nn.AvgPool2d(2, 2) if pool == "avg" else nn.MaxPool2d(2, 2))
         else:
             c = _scaled(v, width)
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -69,7 +69,7 @@ class LIPVGG16(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # torchvision's VGG initialisation, except the LIP logit's zero-initialised last conv.
+        # torchvision's VGG initialisation, except the LIP logit's zero-gain last norm (LIPLogit).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
