@@ -6,6 +6,9 @@ unreachable MLflow tracking server fails within about 18 s (two attempts of 8 s)
 MLflow's own minutes of retries (raise MLFLOW_HTTP_REQUEST_TIMEOUT for a slow server or large
 uploads).
 
+CPU kernels: pinned to AVX2 here, before torch loads (:mod:`pipeline.kernels`; ``FER_CPU_KERNELS=native``
+turns the pin off), so runs write the same bytes on every x86-64 CPU with AVX2.
+
 Console output: ``FER_LOG_LEVEL`` (default ``warning``; ``info`` or ``debug`` for everything)
 is the level of MLflow's and Ray Train's own messages on the console. The pipeline's own lines
 (one per stage, per epoch, progress bars) always show; Ray's full logs stay in its session folder,
@@ -22,6 +25,10 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_LOGGING_LEVEL": LOG_LEVEL,
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": str(LOG_LEVEL == "DEBUG").lower()}.items():
     _os.environ.setdefault(_k, _v)
+
+from pipeline.kernels import pin_cpu_kernels as _pin  # noqa: E402 - before anything imports torch
+
+_pin()
 
 
 def _quiet_ray_train_report_logger() -> None:

@@ -109,12 +109,13 @@ def _init_path(work: Path, model_cfg: dict[str, Any], source: str) -> Path:
 def plan(params: dict[str, Any], root: Path, work: Path) -> tuple[list[Row], dict[str, Spec], str | None]:
     """The rows, the training specs they need, and the usable ImageNet source (or None)."""
     model = section(params, "model")
-    net = {k: model[k] for k in ("width", "lip_bottleneck", "dropout") if k in model}
+    net = {k: model[k] for k in ("width", "lip_bottleneck", "lip_norm", "dropout") if k in model}
 
     def mc(pool, head, attention, num_classes=7):
         return {"num_classes": num_classes, "pool": pool, "head": head, "attention": attention,
                 "width": float(net.get("width", 1.0)), "lip_bottleneck": float(net.get("lip_bottleneck", 0.25)),
-                "dropout": float(net.get("dropout", 0.5))}
+                "dropout": float(net.get("dropout", 0.5)),
+                **({"lip_norm": False} if pool == "lip" and net.get("lip_norm") is False else {})}
 
     full = (model.get("pool", "lip"), model.get("head", "conv"), model.get("attention", "eca"))
     needs_imagenet = [mc("lip", "fc", "none"), mc("lip", "conv", "none"), mc("lip", "conv", "eca"), mc(*full)]
@@ -248,18 +249,22 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     import ray
 
     from pipeline import tracking
-    from pipeline.cluster import concurrency, ensure_ray, worker_resources
+    from pipeline.cluster import auto_cpus_per_worker, concurrency, ensure_ray, worker_resources
+    from pipeline.data._util import default_workers
 
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
     parent = tracking.start_run(experiment, f"ablation-{ablation_id}", stage="ablation", dataset="rafdb+sfew",
                                 params={"seeds": seed_list, "epochs": epochs, "imagenet": source or "none"},
                                 tags={"ablation_id": ablation_id})
-    started = ensure_ray()
+    ray_sec = section(params, "ray")
+    workers = int(ray_sec.get("num_workers", 1))
+    # A local instance gets at least one row's workers, as a training stage's does (rows' Train
+    # controllers hold no CPU, so nothing else is counted beside them).
+    started = ensure_ray(workers * (ray_sec.get("cpus_per_worker")
+                                    or auto_cpus_per_worker(default_workers(), workers)))
     failures: dict[tuple[str, int], str] = {}
     try:
-        ray_sec = section(params, "ray")
-        workers = int(ray_sec.get("num_workers", 1))
         res = worker_resources(ray_sec.get("use_gpu", "auto"), workers, ray_sec.get("cpus_per_worker"))
         deps = {s.init[5:] for s in specs.values() if s.init.startswith("spec:")}
         # models that others fine-tune from go first, so their dependents can start early

@@ -95,11 +95,12 @@ OBJECT_STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 
 
 def job_env() -> dict[str, str]:
-    """What every Ray worker and Tune trial needs from the driver's environment: its MLflow store
-    and, when set, the object-storage credentials and endpoint (:data:`OBJECT_STORE_ENV`)."""
+    """What every Ray worker and Tune trial needs from the driver's environment: its MLflow store,
+    its CPU kernel pin (a node started by `ray start` elsewhere has its own environment) and, when set, the object-storage credentials and endpoint (:data:`OBJECT_STORE_ENV`)."""
+    from pipeline.kernels import kernel_env
     from pipeline.tracking import tracking_uri
 
-    return {"MLFLOW_TRACKING_URI": tracking_uri(),
+    return {"MLFLOW_TRACKING_URI": tracking_uri(), **kernel_env(),
             "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k)}}
 
@@ -119,34 +120,94 @@ def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:
     return max(0.25, min(4.0, (total_cpus - 1) / num_workers))
 
 
+#: CPUs a Tune trial's driver function holds for its whole life (Ray rejects 0). Its Ray Train
+#: worker group must fit *beside* it: on a 2-CPU instance a 2-CPU worker next to a 0.01-CPU trial
+#: never fits, and Ray Train then retries the placement every 60 s for ever.
+TRIAL_CPU = 0.01
+
+
+def autoscaling() -> bool:
+    """True when the user says the cluster can grow (``FER_RAY_AUTOSCALING=1``): a worker group
+    that does not fit now is then waited for; otherwise it is an error at once."""
+    return os.environ.get("FER_RAY_AUTOSCALING", "").strip() in ("1", "true", "yes")
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
 def worker_resources(use_gpu: bool | str, num_workers: int, cpus_per_worker: float | None,
-                     cluster: dict[str, float] | None = None) -> dict[str, Any]:
+                     cluster: dict[str, float] | None = None, *, overhead: float = 0.0,
+                     nodes: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """``{"use_gpu", "cpus_per_worker"}`` of one training run on the running cluster.
-    ``use_gpu="auto"`` uses GPUs when there is one per worker. Not fitting is an error on a
-    local instance; a cluster (``RAY_ADDRESS``) may be autoscaling, so there it waits."""
+    ``use_gpu="auto"`` uses GPUs when there is one per worker. ``overhead``: CPUs the caller holds
+    beside the workers (a Tune trial's :data:`TRIAL_CPU`). What cannot be placed is refused in one
+    line: on a local instance by the total; on a cluster (``RAY_ADDRESS``) when no live node can
+    hold one worker, unless the cluster may grow (:func:`autoscaling`): then it says once what it
+    waits for."""
     if cluster is None:
         import ray
 
         cluster = ray.cluster_resources()
     gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpu = gpus >= num_workers if use_gpu == "auto" else bool(use_gpu)
-    if gpu and gpus < num_workers:
+    if gpu and gpus < num_workers and not autoscaling():
         raise FerError(f"use_gpu: {num_workers} workers need {num_workers} GPUs, the Ray cluster has "
                        f"{gpus:g}; lower num_workers or set use_gpu: false")
     cpw = float(cpus_per_worker or auto_cpus_per_worker(cpus, num_workers))
-    if num_workers * cpw > cpus and not os.environ.get("RAY_ADDRESS"):
-        raise FerError(f"{num_workers} workers x {cpw:g} CPUs do not fit the local Ray instance "
-                       f"({cpus:g} CPUs); lower cpus_per_worker or num_workers")
+    need = num_workers * cpw + overhead
+    beside = f" beside the {overhead:g} CPU a Tune trial holds itself" if overhead else ""
+    if not os.environ.get("RAY_ADDRESS"):
+        if need > cpus + 1e-9:
+            raise FerError(f"{num_workers} workers x {cpw:g} CPUs{beside} do not fit the local Ray "
+                           f"instance ({cpus:g} CPUs); lower ray.cpus_per_worker or num_workers")
+        return {"use_gpu": gpu, "cpus_per_worker": cpw}
+    if nodes is None:
+        nodes = _alive_nodes()
+    fits = [n for n in nodes if float(n.get("CPU", 0)) >= cpw and (not gpu or float(n.get("GPU", 0)) >= 1)]
+    if not fits:
+        largest = max((float(n.get("CPU", 0)) for n in nodes), default=0.0)
+        what = f"{cpw:g} CPUs{' + 1 GPU' if gpu else ''}"
+        if not autoscaling():
+            raise FerError(f"no node of the Ray cluster can hold a worker of {what} (largest node: "
+                           f"{largest:g} CPUs, {len(nodes)} nodes alive); lower ray.cpus_per_worker, "
+                           f"add a node, or set FER_RAY_AUTOSCALING=1 if the cluster grows by itself")
+        print(f"ray: waiting for the cluster to add a node that can hold a worker of {what} "
+              f"(largest node now: {largest:g} CPUs)", flush=True)
     return {"use_gpu": gpu, "cpus_per_worker": cpw}
 
 
+def placement_failure(error: BaseException) -> str | None:
+    """The one line for a worker group Ray Train could not place (``WorkerGroupStartupTimeoutError``
+    anywhere in ``error``'s chain or text), naming what the cluster has; None for other errors."""
+    seen, e, text = set(), error, ""
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text += f" {type(e).__name__} {e}"
+        e = e.__cause__ or e.__context__
+    if "WorkerGroupStartupTimeoutError" not in text and "WorkerGroupStartupFailedError" not in text:
+        return None
+    try:
+        nodes = _alive_nodes()
+        have = ", ".join(f"{float(n.get('CPU', 0)):g} CPU" + (f" + {float(n['GPU']):g} GPU" if n.get("GPU") else "")
+                         for n in nodes) or "none"
+    except Exception:  # noqa: BLE001 - Ray may be going down; the line still says what happened
+        have = "unknown"
+    return (f"Ray could not place the training workers (the cluster's live nodes: {have}); lower "
+            f"ray.cpus_per_worker or ray.num_workers, or add a node (FER_RAY_AUTOSCALING=1 waits for one)")
+
+
 def concurrency(cluster: dict[str, float], workers: int, cpus_per_worker: float, use_gpu: bool,
-                num_runs: int, cap: int | None = None) -> int:
+                num_runs: int, cap: int | None = None, *, overhead: float = 0.0) -> int:
     """How many training runs (Tune trials, ablation rows) fit side by side: by GPUs when they
-    use them, else by CPUs with one CPU left to Ray; at least 1, at most ``num_runs``/``cap``."""
+    use them, else by CPUs (each run's workers plus its ``overhead``, :data:`TRIAL_CPU` for a Tune
+    trial) with one CPU left to Ray; at least 1 (:func:`worker_resources` has checked that one
+    fits), at most ``num_runs``/``cap``."""
     cpus = float(cluster.get("CPU", 0))
     free = cpus - 1 if cpus > 1 else cpus
-    n = int(math.floor(free / (workers * cpus_per_worker) + 1e-9))
+    n = int(math.floor(free / (workers * cpus_per_worker + overhead) + 1e-9))
     if use_gpu:
         n = min(n, int(float(cluster.get("GPU", 0)) // workers))
     n = max(1, min(n, num_runs))

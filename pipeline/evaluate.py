@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.data._util import replacing_file, write_file_atomic
 from pipeline.errors import FerError
 from pipeline.model import checkpoint
 
@@ -250,9 +251,11 @@ def _plt():
 def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    try:
+        with replacing_file(path) as tmp:  # a failed run keeps the previous plot
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        _plt().close(fig)
     return path
 
 
@@ -266,8 +269,7 @@ def write_confusion_csv(confusion, classes: Sequence[str], path) -> Path:
     for i, a in enumerate(classes):
         for j, p in enumerate(classes):
             lines.extend([f"{a},{p}"] * int(cm[i, j]))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_file_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot_confusion(confusion, classes: Sequence[str], path, *, title: str = "") -> Path:
@@ -299,8 +301,7 @@ def write_outputs(metrics: dict, confusion, classes: Sequence[str], *, metrics_p
     mp = Path(metrics_path)
     if mp.suffix != ".json":
         mp = mp / f"eval_{dataset}.json"
-    mp.parent.mkdir(parents=True, exist_ok=True)
-    mp.write_text(json.dumps({k: metrics[k] for k in METRIC_KEYS}, indent=2) + "\n")
+    write_file_atomic(mp, json.dumps({k: metrics[k] for k in METRIC_KEYS}, indent=2) + "\n")
     pd_ = Path(plots_dir)
     csv = write_confusion_csv(confusion, classes, pd_ / f"confusion_{dataset}.csv")
     png = plot_confusion(confusion, classes, pd_ / f"confusion_{dataset}.png",

@@ -77,6 +77,7 @@ class Model(_Section):
     attention: Literal[ATTENTIONS] = _d("eca", f"must be one of {list(ATTENTIONS)}")
     width: float = _d(1.0, "must be in (0, 4]", gt=0, le=4)
     lip_bottleneck: float = _d(0.25, "must be in (0, 1]", gt=0, le=1)
+    lip_norm: bool = _d(True, "must be true or false (false: the LIP logit module without InstanceNorms)")
     dropout: float = _d(0.5, "must be in [0, 1)", ge=0, lt=1)
     compile: bool = _d(False, "must be true or false")
 
@@ -101,6 +102,8 @@ class Training(_Section):
     lr: float = _d(0.01, "must be > 0", gt=0)
     momentum: float = _d(0.9, "must be in [0, 1)", ge=0, lt=1)
     weight_decay: float = _d(5e-4, "must be >= 0", ge=0)
+    decay_norms: bool = _d(True, "must be true or false (false: no weight decay on norm gains and biases)")
+    lip_lr_scale: float = _d(1.0, "must be > 0 (the LIP logit modules' learning rate over lr)", gt=0)
     schedule: Literal[SCHEDULES] = _d("cosine", f"must be one of {list(SCHEDULES)}")
     warmup_epochs: float = _d(1.0, "must be >= 0", ge=0)
     step_size: int = _d(10, "must be an integer >= 1 (schedule step: decay every step_size epochs)", ge=1)
@@ -231,7 +234,7 @@ NOT_TUNABLE = frozenset({"data", "output", "storage_path", "run_name", "mlflow_r
                          "amp", "channels_last"})
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 #: The network's shape: fixed when a sweep fine-tunes models/rafdb on SFEW.
-ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck")
+ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck", "lip_norm")
 
 
 def tunable_keys() -> list[str]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pipeline
 from pipeline.config import load_params, section
-from pipeline.data._util import output_lock
+from pipeline.data._util import output_lock, write_file_atomic
+from pipeline.model.speed import stage_banner
 from pipeline.train.launch import check_output
 from stages import stage_args
 
@@ -26,6 +27,7 @@ def train_stage(*, stage: str, dataset: str) -> dict:
     params = load_params()
     output = Path(out)
     options = {**section(params, "model"), **section(params, "ray"), **section(params, stage)}
+    stage_banner(stage, options.get("amp", "auto"), options.get("use_gpu", "auto"))
     # The run name hashes the config, the init weights and the training code: an interrupted run
     # resumes from its last Ray checkpoint; changed params, weights or code start a fresh run.
     h = hashlib.sha256(json.dumps({**options, "init": init}, sort_keys=True).encode())
@@ -44,8 +46,7 @@ def train_stage(*, stage: str, dataset: str) -> dict:
         summary = run_training(cfg)
         history = json.loads((output / "history.json").read_text())
         history_path = Path(history_path)
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        history_path.write_text(json.dumps(history, indent=1) + "\n")
+        write_file_atomic(history_path, json.dumps(history, indent=1) + "\n")
         curves = plot_history(history, history_path.with_name(f"curves_{dataset}.png"))
         tracking.log_artifacts(run_id, [curves, output / "history.json"])
     print(f"{stage}: best val accuracy {summary.get('best_val_accuracy')} -> {output}/model.pt "

@@ -8,6 +8,7 @@ from pipeline.infer import registry
 from pipeline.config import load_params, section
 from pipeline.data.classes import CLASSES
 from pipeline.evaluate import evaluate_checkpoint, write_outputs
+from pipeline.model.speed import stage_banner
 from stages import run_stage, stage_args
 
 
@@ -16,6 +17,7 @@ def main() -> None:
         "DATASET", "MODEL", "DATA", "METRICS_DIR", "PLOTS_DIR", datasets=("rafdb", "sfew"))
     params = load_params()
     opts = section(params, "evaluate")
+    stage_banner(f"evaluate {dataset}", opts.get("amp", "auto"))
     metrics, confusion = evaluate_checkpoint(
         model_path, data, split="test", num_workers=opts["num_workers"], batch_size=opts["batch_size"],
         amp=opts.get("amp", "auto"), channels_last=opts.get("channels_last", "auto"),

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import load_params, section
+from pipeline.data._util import write_file_atomic
 from pipeline.data.classes import CLASSES
 from pipeline.model import LIPVGG16
 from pipeline.model.checkpoint import write_imagenet_init
@@ -33,8 +34,7 @@ def main() -> None:
                     **{k: v for k, v in section(params, "model").items() if k in arch}}
     # the parts ImageNet does not cover start from train_rafdb's seed (declared in dvc.yaml)
     info = write_imagenet_init(out, model_config, source, seed=section(params, "train_rafdb").get("seed", 0))
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({**info, "pretrained": int(source != "none")}, indent=2) + "\n")
+    write_file_atomic(report, json.dumps({**info, "pretrained": int(source != "none")}, indent=2) + "\n")
     print(f"imagenet_init: wrote {out} (source={source})")
 
 

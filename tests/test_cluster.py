@@ -27,8 +27,46 @@ def test_worker_resources(monkeypatch):
         worker_resources(True, 2, None, {"CPU": 8, "GPU": 1})
     with pytest.raises(FerError, match="CPUs"):
         worker_resources("auto", 1, 4, {"CPU": 2})
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale: no CPU check
-    assert worker_resources("auto", 1, 4, {"CPU": 2})["cpus_per_worker"] == 4
+    # a cluster: some live node must hold one worker; the total does not matter
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.delenv("FER_RAY_AUTOSCALING", raising=False)
+    two_nodes = [{"CPU": 1.0}, {"CPU": 4.0}]
+    assert worker_resources("auto", 2, 4, {"CPU": 5}, nodes=two_nodes)["cpus_per_worker"] == 4
+    with pytest.raises(FerError, match=r"no node of the Ray cluster can hold a worker of 4 CPUs \(largest node: 2"):
+        worker_resources("auto", 1, 4, {"CPU": 3}, nodes=[{"CPU": 1.0}, {"CPU": 2.0}])
+    monkeypatch.setenv("FER_RAY_AUTOSCALING", "1")  # the cluster may grow: said once, then waited for
+    assert worker_resources("auto", 1, 4, {"CPU": 3}, nodes=[{"CPU": 2.0}])["cpus_per_worker"] == 4
+
+
+def test_a_tune_trials_own_share_is_counted(monkeypatch):
+    """The shipped ray section (2 CPUs per worker) on a 2-CPU instance: the trial's own 0.01 CPU
+    left 1.99 for the worker, which Ray then retried placing for ever. Now refused up front, and
+    the sweep's instance is sized to fit one trial (workers + its share)."""
+    from pipeline.cluster import TRIAL_CPU
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(FerError, match="beside the 0.01 CPU a Tune trial holds itself"):
+        worker_resources("auto", 1, 2, {"CPU": 2}, overhead=TRIAL_CPU)
+    assert worker_resources("auto", 1, 2, {"CPU": 3}, overhead=TRIAL_CPU)["cpus_per_worker"] == 2
+    assert concurrency({"CPU": 3}, 1, 2.0, False, num_runs=8, overhead=TRIAL_CPU) == 1
+    assert concurrency({"CPU": 9}, 1, 2.0, False, num_runs=8, overhead=TRIAL_CPU) == 3  # 8 / 2.01
+
+
+def test_placement_failure_is_one_line():
+    from pipeline.cluster import placement_failure
+
+    class WorkerGroupStartupTimeoutError(Exception):
+        pass
+
+    try:
+        try:
+            raise WorkerGroupStartupTimeoutError("timed out after 60 s")
+        except Exception as inner:
+            raise RuntimeError("Training failed") from inner
+    except RuntimeError as e:
+        line = placement_failure(e)
+    assert line and "\n" not in line and "could not place the training workers" in line
+    assert placement_failure(RuntimeError("a bug")) is None
 
 
 def _ray_cli():

@@ -98,7 +98,7 @@ BAD = [
     ("width range", _set("model", "width", value=5), "model.width = 5: must be in (0, 4]"),
     ("dropout text", _set("model", "dropout", value="high"),
      "model.dropout = 'high': must be in [0, 1) (a number, not a string)"),
-    ("pool typo", _set("model", "pool", value="lipp"), "model.pool = 'lipp': must be one of ['lip', 'max']"),
+    ("pool typo", _set("model", "pool", value="lipp"), "model.pool = 'lipp': must be one of ['lip', 'max', 'avg']"),
     ("use_gpu text", _set("ray", "use_gpu", value="yes"), "ray.use_gpu = 'yes': must be true, false or \"auto\""),
     ("evaluate batch_size quoted", _set("evaluate", "batch_size", value="64"),
      "evaluate.batch_size = '64': must be an integer >= 1"),

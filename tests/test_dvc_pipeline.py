@@ -234,3 +234,62 @@ def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
         assert r.info.status == "FINISHED"
         hist = client.get_metric_history(r.info.run_id, "val_accuracy")
         assert sorted(m.step for m in hist) == list(range(1, int(r.data.params["epochs"]) + 1))
+
+
+def _output_hashes(work: Path) -> dict[str, str]:
+    """sha256 of every file under every output dvc.yaml declares (models, data, reports, plots)."""
+    import hashlib
+
+    roots = ["data/synthetic", "data/parquet", "models", "reports", "metrics", "plots"]
+    out = {}
+    for r in roots:
+        for f in sorted((work / r).rglob("*")):
+            if f.is_file() and ".tmp-" not in str(f):
+                out[str(f.relative_to(work))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.slow
+def test_a_failed_or_refused_stage_keeps_every_previous_output(repro, tmp_path):
+    """Every output is `persist: true`, so DVC no longer deletes it before the stage runs: a stage
+    refused for bad params or bad input, through `dvc repro` and `dvc exp run`, fails with its one
+    line and leaves every previous model, dataset, report, metric and plot byte-identical."""
+    work, run = repro
+    params_file = work / "params.yaml"
+    original = params_file.read_text()
+    before = _output_hashes(work)
+    assert any(k.startswith("models/rafdb/") for k in before) and "reports/history_rafdb.json" in before
+    as_file = tmp_path / "a-file.txt"
+    as_file.write_text("not a dataset\n")
+    empty = tmp_path / "empty-dataset"
+    empty.mkdir()
+
+    def with_params(**over):
+        p = yaml.safe_load(original)
+        for dotted, v in over.items():
+            sec, key = dotted.split(".")
+            p[sec][key] = v
+        params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+
+    cases = [  # (name, set-up, command, what the stage's line must name)
+        ("negative epochs", lambda: with_params(**{"train_rafdb.epochs": -1}), ["dvc", "repro"],
+         "train_rafdb.epochs"),
+        ("dvc exp run -S epochs=abc", lambda: None,
+         ["dvc", "exp", "run", "-S", "train_rafdb.epochs=abc", "evaluate@rafdb"], "train_rafdb.epochs"),
+        ("dataset path is a file", lambda: with_params(**{"datasets.rafdb": str(as_file)}), ["dvc", "repro"],
+         str(as_file)),
+        ("empty dataset folder", lambda: with_params(**{"datasets.rafdb": str(empty)}), ["dvc", "repro"],
+         str(empty)),
+    ]
+    for name, setup, cmd, names in cases:
+        setup()
+        r = run(*cmd, timeout=600)
+        params_file.write_text(original)
+        assert r.returncode != 0, f"{name}: {r.stdout[-1500:]}"
+        assert "Traceback" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
+        ours = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+        assert len(ours) == 1 and names in ours[0], f"{name}: {r.stderr[-2000:]}"
+        after = _output_hashes(work)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        assert not changed, f"{name}: outputs changed or lost: {changed[:10]}"
+    assert run("dvc", "status").returncode == 0

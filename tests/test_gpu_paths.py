@@ -269,7 +269,8 @@ def test_cpu_bf16_detection_can_be_forced(monkeypatch):
     from pipeline.model.speed import cpu_has_native_bf16
 
     monkeypatch.setenv("FER_CPU_BF16", "1")
-    assert cpu_has_native_bf16() and resolve_amp("auto", "cpu")
+    assert cpu_has_native_bf16()
+    assert not resolve_amp("auto", "cpu")  # auto is fp32 on every CPU, native bf16 or not
     monkeypatch.setenv("FER_CPU_BF16", "0")
     assert not cpu_has_native_bf16() and not resolve_amp("auto", "cpu")
-    assert resolve_amp("auto", "cuda")  # CUDA does not depend on it
+    assert resolve_amp("auto", "cuda") and resolve_amp(True, "cpu")

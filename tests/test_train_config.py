@@ -33,7 +33,7 @@ def test_from_dict_rejects_unknown_keys_naming_them():
 
 @pytest.mark.parametrize("key,value", [
     ("crop", 40), ("crop", 300), ("image_size", 47), ("epochs", 0), ("epochs", 2.5), ("lr", 0),
-    ("lr", -1.0), ("batch_size", 1), ("optimizer", "adam"), ("schedule", "linear"), ("pool", "avg"),
+    ("lr", -1.0), ("batch_size", 1), ("optimizer", "adam"), ("schedule", "linear"), ("pool", "median"),
     ("head", "mlp"), ("attention", "se"), ("width", 0), ("dropout", 1.0), ("label_smoothing", -0.1),
     ("momentum", 1.0), ("patience", -1), ("num_workers", 0), ("use_gpu", "yes"), ("amp", "fp16"),
     ("channels_last", 1), ("cpus_per_worker", 0), ("max_failures", -2), ("class_weighted", "no"),

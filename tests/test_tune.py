@@ -291,3 +291,28 @@ def test_sweep_asha_mlflow_interrupt_resume_apply(sweep_repo):
         assert ray.is_initialized() and ray.available_resources().get("CPU", 0) >= 1.9  # no leaked reservations
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- slow: the shipped params
+@pytest.mark.slow
+def test_fer_tune_runs_on_the_shipped_params(tmp_path, monkeypatch):
+    """`fer tune` on the repository's own params.yaml, its `ray:` section as shipped
+    (cpus_per_worker 2 on this 2-core machine): only the sweep's budget and the data are small.
+    This once hung for ever: the trial's own CPU share left 1.99 of 2 CPUs for a 2-CPU worker."""
+    import subprocess
+    import sys
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    root = make_project(tmp_path, monkeypatch, "", {"rafdb": (160, 0)})
+    p = dict(shipped)
+    p["tune"] = {**shipped["tune"], "num_samples": 2, "max_epochs": 1, "grace_period": 1}
+    p["datasets"] = {"rafdb": "raw/rafdb"}
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    assert p["ray"] == shipped["ray"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--params", "params.yaml"],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 trials on rafdb, 1 at a time" in proc.stdout
+    best = yaml.safe_load((root / "reports" / "tune_best.yaml").read_text())
+    assert 0 <= best["best_val_accuracy"] <= 1 and Path(best["model_path"]).is_file()
+    assert "Traceback" not in proc.stderr and "WorkerGroupStartupTimeoutError" not in proc.stderr

@@ -100,6 +100,32 @@ def umask_mode(mode: int = 0o777) -> int:
     return mode & ~old
 
 
+@contextlib.contextmanager
+def replacing_file(path: Path):
+    """Yield a temporary path beside ``path`` to write the new file into; when the block ends it is
+    renamed over ``path`` (with the user's normal file mode), and when it raises (or the process is
+    killed) ``path`` keeps its previous bytes. DVC's ``persist: true`` outputs rely on this: DVC no
+    longer deletes them before a stage runs, so a failed stage leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_file_atomic(path: Path, data: bytes | str) -> Path:
+    """``path`` holds ``data`` whole, or its previous bytes if the writer dies (:func:`replacing_file`)."""
+    with replacing_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
 def check_replaceable(out: Path, *, what: str, legacy_names: frozenset[str] = frozenset(),
                       markers: tuple[str, ...] = (MARKER,)) -> None:
     """Refuse (FerError, nothing touched) unless ``out`` is missing, an empty folder, or a folder

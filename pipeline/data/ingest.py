@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data import _validate
-from pipeline.data._util import (Progress, check_replaceable, default_workers, output_lock,
-                                 process_pool, replacing, umask_mode,
+from pipeline.data._util import (Progress, check_replaceable, default_workers, output_lock, write_file_atomic,
+                                 process_pool, replacing,
                                  write_marker)
 from pipeline.data.layouts import Record, Scan, read_layout, shown
 from pipeline.errors import FerError
@@ -171,13 +170,7 @@ def _write_all(out: Path, good, src: Path, names, schema, progress: bool, change
 
 def _write_json(path: Path, obj) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
+        write_file_atomic(path, json.dumps(obj, indent=1) + "\n")
     except OSError as e:
         raise FerError(f"cannot write the report {path}: {e}") from e
 

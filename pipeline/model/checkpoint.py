@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.data._util import umask_mode
+from pipeline.data._util import write_file_atomic
 from pipeline.errors import FerError
 
 STATE_FILE = "state.pt"
@@ -44,16 +43,7 @@ def to_bytes(obj: dict) -> bytes:
 def _atomic_save(obj: dict, path: Path) -> Path:
     """Written beside ``path``, then renamed: a killed writer never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(to_bytes(obj))
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, to_bytes(obj))
     return path
 
 

@@ -74,25 +74,39 @@ class LIPLogit(nn.Module):
     average pooling for ever.
     """
 
-    def __init__(self, channels: int, bottleneck: float = 0.25):
+    def __init__(self, channels: int, bottleneck: float = 0.25, norm: bool = True):
         super().__init__()
         r = max(8, int(round(channels * bottleneck)))
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, r, 1, bias=False),
-            nn.InstanceNorm2d(r, affine=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(r, r, 3, padding=1, bias=False),
-            nn.InstanceNorm2d(r, affine=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(r, channels, 1, bias=False),
-            nn.InstanceNorm2d(channels, affine=True),
-            SoftGate(),
-        )
+        self.norm = norm
+        if norm:
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, r, 1, bias=False),
+                nn.InstanceNorm2d(r, affine=True),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(r, r, 3, padding=1, bias=False),
+                nn.InstanceNorm2d(r, affine=True),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(r, channels, 1, bias=False),
+                nn.InstanceNorm2d(channels, affine=True),
+                SoftGate(),
+            )
+        else:  # `lip_norm: false`: no InstanceNorms (they are most of the module's CPU time)
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, r, 1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(r, r, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(r, channels, 1),
+                SoftGate(),
+            )
         self.reset_last()
 
     def reset_last(self) -> None:
-        nn.init.zeros_(self.body[7].weight)
-        nn.init.zeros_(self.body[7].bias)
+        """LIP starts as average pooling: the last norm's gain and bias at zero (with norms), or
+        the last conv at zero (without: no norm then rescales its first steps)."""
+        last = self.body[7] if self.norm else self.body[4]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -101,10 +115,11 @@ class LIPLogit(nn.Module):
 class LIPPool2d(nn.Module):
     """Drop-in replacement for VGG's 2x2/stride-2 max pool."""
 
-    def __init__(self, channels: int, kernel_size: int = 2, stride: int = 2, bottleneck: float = 0.25):
+    def __init__(self, channels: int, kernel_size: int = 2, stride: int = 2, bottleneck: float = 0.25,
+                 norm: bool = True):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
-        self.logit = LIPLogit(channels, bottleneck)
+        self.logit = LIPLogit(channels, bottleneck, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logit(x)

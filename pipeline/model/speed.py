@@ -11,9 +11,9 @@ from pipeline.errors import FerError
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): only there bf16 autocast
-    beats fp32 on CPU; elsewhere oneDNN emulates it and is slower (reports/bf16_cpu.json).
-    ``FER_CPU_BF16=0`` (or ``1``) overrides the detection: the test suite sets 0, so that its
-    exact comparisons run the same fp32 kernels on every CI machine."""
+    beats fp32 on CPU; elsewhere oneDNN emulates it and is slower (reports/bf16_cpu.json). Only
+    the benchmark reads it: `amp: auto` no longer depends on it (:func:`resolve_amp`).
+    ``FER_CPU_BF16=0`` (or ``1``) overrides the detection."""
     forced = os.environ.get("FER_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -32,13 +32,40 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_amp(amp: bool | str, device) -> bool:
-    """bf16 autocast for `amp` = true/false/"auto" (auto: CUDA, or a CPU with native bf16)."""
+    """bf16 autocast for `amp` = true/false/"auto". auto: on CUDA only (the paper's configuration);
+    fp32 on every CPU, native bf16 or not: on the CPU default recipe bf16 moved the rare classes
+    by tens of points at one seed (reports/bf16_recipe.md), and it would make a machine with native
+    bf16 write other figures than every other machine. bf16 on a CPU is an explicit `amp: true`."""
     import torch
 
     if amp != "auto":
         return bool(amp)
+    return torch.device(device).type == "cuda"
+
+
+def describe_precision(amp: bool | str, device) -> str:
+    """One phrase: the precision a stage runs in and why (the first line of every stage)."""
+    import torch
+
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+    on = resolve_amp(amp, device)
+    if amp == "auto":
+        why = "amp auto: bf16 autocast on CUDA" if on else "amp auto: fp32 on CPU, bf16 only on CUDA"
+    else:
+        why = f"amp: {str(bool(amp)).lower()}"
+    return f"precision {'bf16 autocast' if on else 'fp32'} on {kind} ({why})"
+
+
+def stage_banner(stage: str, amp: bool | str, use_gpu: bool | str = "auto") -> str:
+    """The first line of a training or evaluation stage: precision and CPU kernels, and why."""
+    import torch
+
+    from pipeline import kernels
+
+    cuda = torch.cuda.is_available() and use_gpu is not False
+    line = f"{stage}: {describe_precision(amp, 'cuda' if cuda else 'cpu')}; {kernels.describe()}"
+    print(line, flush=True)
+    return line
 
 
 def resolve_channels_last(channels_last: bool | str, device) -> bool:

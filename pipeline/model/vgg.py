@@ -18,12 +18,12 @@ def _scaled(c: int, width: float) -> int:
     return max(8, int(round(c * width)))
 
 
-def _features(pool: str, width: float, lip_bottleneck: float) -> nn.Sequential:
+def _features(pool: str, width: float, lip_bottleneck: float, lip_norm: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in = 3
     for v in VGG16_CFG:
         if v == "P":
-            layers.append(LIPPool2d(c_in, bottleneck=lip_bottleneck) if pool == "lip"
+            layers.append(LIPPool2d(c_in, bottleneck=lip_bottleneck, norm=lip_norm) if pool == "lip"
                           else nn.AvgPool2d(2, 2) if pool == "avg" else nn.MaxPool2d(2, 2))
         else:
             c = _scaled(v, width)
@@ -35,7 +35,7 @@ def _features(pool: str, width: float, lip_bottleneck: float) -> nn.Sequential:
 class LIPVGG16(nn.Module):
     def __init__(self, num_classes: int = 7, pool: str = "lip", head: str = "conv",
                  attention: str = "eca", width: float = 1.0, lip_bottleneck: float = 0.25,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, lip_norm: bool = True):
         super().__init__()
         for name, value, allowed in (("pool", pool, POOLS), ("head", head, HEADS),
                                      ("attention", attention, ATTENTIONS)):
@@ -45,8 +45,10 @@ class LIPVGG16(nn.Module):
             raise ValueError(f"lip_vgg16: width={width} must be in (0, 4]")
         self.config = dict(num_classes=num_classes, pool=pool, head=head, attention=attention,
                            width=width, lip_bottleneck=lip_bottleneck, dropout=dropout)
+        if not lip_norm:  # recorded only when off: checkpoints of the paper's module stay as they were
+            self.config["lip_norm"] = False
         c = _scaled(512, width)
-        self.features = _features(pool, width, lip_bottleneck)
+        self.features = _features(pool, width, lip_bottleneck, lip_norm)
         if head == "conv":
             # The paper's change: two conv layers and one FC instead of VGG's three FC layers.
             self.head = nn.Sequential(

@@ -39,9 +39,11 @@ class TrainConfig(TrainRun):
 
     def network(self) -> dict[str, Any]:
         """kwargs of `pipeline.model.lip_vgg16` for this run."""
-        return dict(num_classes=self.num_classes, pool=self.pool, head=self.head,
-                    attention=self.attention, width=float(self.width),
-                    lip_bottleneck=float(self.lip_bottleneck), dropout=float(self.dropout))
+        net = dict(num_classes=self.num_classes, pool=self.pool, head=self.head,
+                   attention=self.attention, width=float(self.width),
+                   lip_bottleneck=float(self.lip_bottleneck), dropout=float(self.dropout))
+        # only when off, as the model records it: the paper's module keeps its checkpoints' config
+        return {**net, "lip_norm": False} if not self.lip_norm else net
 
     @property
     def resolved_run_name(self) -> str:

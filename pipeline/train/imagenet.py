@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data._util import write_file_atomic
 from pipeline.errors import FerError
 
 #: imagenet_init keys that are not TrainConfig fields (the rest are passed through to it).
@@ -241,7 +242,7 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
                              {k: report[k] for k in ("mode", "source", "top1", "top5", "classes",
                                                       "data_fingerprint")})
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_file_atomic(report_path, json.dumps(report, indent=2) + "\n")
         tracking.log_metrics(run_id, {"top1": report["top1"], "top5": report["top5"]})
         tracking.log_artifacts(run_id, [report_path])
     print(f"imagenet_init ({s['mode']}): top-1 {report['top1']:.3f}, top-5 {report['top5']:.3f} on "

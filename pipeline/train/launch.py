@@ -81,7 +81,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
 
     from pipeline import LOG_LEVEL
 
-    from pipeline.cluster import auto_cpus_per_worker, ensure_ray, worker_resources
+    from pipeline.cluster import auto_cpus_per_worker, autoscaling, ensure_ray, placement_failure, worker_resources
     from pipeline.tracking import tracking_uri
     from pipeline.train import pg_release
     from pipeline.train.progress import EpochBar
@@ -124,7 +124,11 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
                                                                **({"GPU": 1} if res["use_gpu"] else {})}),
             run_config=RunConfig(
                 name=run_name, storage_path=storage,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # A worker group that cannot be placed (no node with the CPUs a worker asks for,
+                # e.g. after a node loss) fails the run with one line instead of being retried
+                # every 60 s for ever, unless the cluster may grow (FER_RAY_AUTOSCALING=1).
+                failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                             controller_failure_limit=-1 if autoscaling() else 0),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=list(callbacks) or None,
                 logging_config=LoggingConfig(log_level=LOG_LEVEL),  # Ray Train's own messages
@@ -133,6 +137,9 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
         try:
             return trainer.fit()
         except Exception as e:  # ray.train.TrainingFailedError and friends
+            placing = placement_failure(e)
+            if placing:
+                raise FerError(f"training run {run_name!r} stopped: {placing}") from e
             msg = str(e).strip().splitlines()
             raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
                            f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e

@@ -3,8 +3,9 @@
 Ray 2.60 runs Train V2, where the old ``Tuner(trainer)`` form fails. The supported pattern
 (Ray docs, "Hyperparameter Tuning with Ray Tune" for Train V2) is used instead:
 
-* every Tune trial is a small *driver function* (``tune.with_resources(fn, {"CPU": 0.01})``: it
-  only launches and watches the training run) that calls :func:`pipeline.train.launch.fit`, the
+* every Tune trial is a small *driver function* (``tune.with_resources(fn, {"CPU": TRIAL_CPU})``:
+  it only launches and watches the training run; its share is counted beside its workers', or a
+  worker of all the instance's CPUs would never be placed) that calls :func:`pipeline.train.launch.fit`, the
   same training run as the ``train_rafdb`` stage's;
 * the trainer's ``RunConfig(callbacks=[TuneReportCallback()])`` forwards each epoch's
   ``ray.train.report`` (rank 0) to Tune, so ASHA sees ``val_accuracy`` per epoch (its time axis is
@@ -33,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.cluster import concurrency, ensure_ray, job_env, worker_resources
+from pipeline.cluster import TRIAL_CPU, auto_cpus_per_worker, concurrency, ensure_ray, job_env, worker_resources
+from pipeline.data._util import default_workers
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.train import pg_release
@@ -175,16 +177,19 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
 
     from pipeline import tracking
 
-    started = ensure_ray()
+    # A local instance gets the CPUs one trial needs: its workers and the trial's own share.
+    workers = settings["workers_per_trial"]
+    cpw = ray_sec.get("cpus_per_worker") or auto_cpus_per_worker(default_workers(), workers)
+    started = ensure_ray(workers * cpw + TRIAL_CPU)
     t0 = time.perf_counter()
     try:
         cluster = ray.cluster_resources()
-        res = worker_resources(ray_sec.get("use_gpu", "auto"), settings["workers_per_trial"],
-                               ray_sec.get("cpus_per_worker"), cluster)
+        res = worker_resources(ray_sec.get("use_gpu", "auto"), workers, ray_sec.get("cpus_per_worker"),
+                               cluster, overhead=TRIAL_CPU)
         n_trials = settings["num_samples"] * math.prod(
             len(s["grid"]) for s in settings["space"].values() if isinstance(s, dict) and "grid" in s)
-        conc = concurrency(cluster, settings["workers_per_trial"], res["cpus_per_worker"], res["use_gpu"],
-                           n_trials, settings["max_concurrent"])
+        conc = concurrency(cluster, workers, res["cpus_per_worker"], res["use_gpu"],
+                           n_trials, settings["max_concurrent"], overhead=TRIAL_CPU)
         experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
         ctx: dict[str, Any] = {
             "sweep": name, "dataset": dataset, "experiment": experiment, "experiment_path": experiment_path,
@@ -198,7 +203,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
         release = [pg_release.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
         restoring = resume and tune.Tuner.can_restore(experiment_path)
         ctx["parent_run_id"] = parent_run(ctx, params, restoring)
-        trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"CPU": 0.01})
+        trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"CPU": TRIAL_CPU})
         print(f"sweep {name}: {n_trials} trials on {dataset}, {conc} at a time "
               f"({settings['workers_per_trial']} worker(s) x {res['cpus_per_worker']:g} CPU"
               f"{' + 1 GPU' if res['use_gpu'] else ''} each), ASHA on {METRIC} "

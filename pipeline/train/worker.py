@@ -70,11 +70,30 @@ def _onecycle(total: int, pct_start: float = 0.3, div: float = 25.0, final_div: 
     return f
 
 
+def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
+    """The optimiser's parameter groups. ``decay_norms: false`` exempts the norms' gains and biases
+    and every bias from weight decay (timm's and nanoGPT's practice: decaying a norm's gain only
+    shrinks the scale the next layer sees); ``lip_lr_scale`` gives the LIP logit modules their own
+    learning rate. Both at their defaults: one group, every parameter decayed (the recipe as it was)."""
+    from pipeline.model.lip import LIPLogit
+
+    decay_norms, lip_scale = cfg.get("decay_norms", True), float(cfg.get("lip_lr_scale", 1.0))
+    lip_params = {id(p) for m in model.modules() if isinstance(m, LIPLogit) for p in m.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        exempt = not decay_norms and p.ndim <= 1  # norm gains/biases, conv/linear biases
+        groups.setdefault((id(p) in lip_params and lip_scale != 1.0, exempt), []).append(p)
+    return [{"params": ps, "lr": cfg["lr"] * (lip_scale if lip else 1.0),
+             "weight_decay": 0.0 if exempt else cfg["weight_decay"]}
+            for (lip, exempt), ps in groups.items()]
+
+
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
 def train_step(model, x, y, criterion, optimizer, scheduler=None, *, amp: bool = False,
