@@ -3,9 +3,13 @@
 1. The pooling op, forward + backward on the same tensors: `lip2d` (window max shift, fp16-safe)
    vs `lip2d_bounded` (the paper's naive form, what LIPPool2d uses for SoftGate's [0, 12] logits
    outside fp16) vs `lip2d_bounded` under torch.compile (one fused C++ loop; --compile).
-2. One AdamW training step of LIP-VGG16 (lip/conv/eca) vs torchvision's VGG16-BN (max/fc/none),
-   plus max/conv/eca and lip/conv/eca with the old shifted pooling, in fp32 and bf16 autocast,
-   interleaved round by round; ratios to VGG16-BN of the same dtype. Target: lip/conv/eca <= 1.2x.
+2. One AdamW training step of LIP-VGG16 (lip/conv/eca) vs torchvision's VGG16-BN (max/fc/none)
+   and vs its max-pool twin (max/conv/eca), plus lip/conv/eca with the old shifted pooling and
+   with `lip_norm: false` (the logit module without InstanceNorms), in fp32 and bf16 autocast,
+   interleaved round by round. Targets: lip/conv/eca <= 1.2x VGG16-BN and <= 1.3x the twin.
+3. Where LIP's extra time goes (--breakdown, fp32): the step of the twin, then LIP with only its
+   pooling op (logits constant, logit module skipped), with only its logit module (max pooling
+   kept), whole, and without the logit module's InstanceNorms; printed as shares of LIP's step.
 
     python bench/lip.py [--widths 0.25 1.0] [--size 90] [--batch 32] [--dtypes fp32 bf16]
 """
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 from pipeline.model import lip2d, lip_vgg16
 from pipeline.model.lip import LIPPool2d, lip2d_bounded
 
-TARGET = 1.2
+TARGET = 1.2       # lip/conv/eca vs VGG16-BN
+TWIN_TARGET = 1.3  # lip/conv/eca vs max/conv/eca
 
 
 def _sync(device: str) -> None:
@@ -78,11 +83,12 @@ def _shifted(m):
     return m
 
 
-VARIANTS = {  # name -> (pool, head, attention, shifted LIP)
-    "VGG16-BN (max/fc/none)": ("max", "fc", "none", False),
-    "max/conv/eca": ("max", "conv", "eca", False),
-    "lip/conv/eca": ("lip", "conv", "eca", False),
-    "lip/conv/eca, shifted LIP": ("lip", "conv", "eca", True),
+VARIANTS = {  # name -> (pool, head, attention, how LIP runs: None | "shifted" | "no_norm")
+    "VGG16-BN (max/fc/none)": ("max", "fc", "none", None),
+    "max/conv/eca": ("max", "conv", "eca", None),
+    "lip/conv/eca": ("lip", "conv", "eca", None),
+    "lip/conv/eca, shifted LIP": ("lip", "conv", "eca", "shifted"),
+    "lip/conv/eca, lip_norm false": ("lip", "conv", "eca", "no_norm"),
 }
 
 
@@ -92,10 +98,11 @@ def bench_models(device: str, width: float, size: int, batch: int, repeats: int,
     out = {}
     for dt in dtypes:
         fns = {}
-        for name, (pool, head, att, shifted) in VARIANTS.items():
+        for name, (pool, head, att, how) in VARIANTS.items():
             torch.manual_seed(0)
-            m = lip_vgg16(7, pool=pool, head=head, attention=att, width=width).to(device).train()
-            if shifted:
+            m = lip_vgg16(7, pool=pool, head=head, attention=att, width=width,
+                          lip_norm=how != "no_norm").to(device).train()
+            if how == "shifted":
                 _shifted(m)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
@@ -112,11 +119,64 @@ def bench_models(device: str, width: float, size: int, batch: int, repeats: int,
               f"(ratio to VGG16-BN, >1 = slower; target lip/conv/eca <= {TARGET}x)")
         for name, v in t.items():
             print(f"  {name:28} {v * 1e3:8.1f} ms/step {batch / v:7.1f} img/s  {v / base:5.2f}x")
-        r = t["lip/conv/eca"] / base
-        print(f"  -> lip/conv/eca {r:.2f}x VGG16-BN: target {'MET' if r <= TARGET else 'NOT met'}; "
-              f"bounded LIP form vs shifted: {t['lip/conv/eca'] / t['lip/conv/eca, shifted LIP']:.2f}x")
+        twin = t["max/conv/eca"]
+        for lip in ("lip/conv/eca", "lip/conv/eca, lip_norm false"):
+            r, rt = t[lip] / base, t[lip] / twin
+            print(f"  -> {lip}: {r:.2f}x VGG16-BN (target <= {TARGET}: {'MET' if r <= TARGET else 'NOT met'}), "
+                  f"{rt:.2f}x its max-pool twin (target <= {TWIN_TARGET}: {'MET' if rt <= TWIN_TARGET else 'NOT met'})")
+        print(f"  bounded LIP form vs shifted: {t['lip/conv/eca'] / t['lip/conv/eca, shifted LIP']:.2f}x")
         out[dt] = t
     return out
+
+
+def _constant_logits(p):
+    """LIP's pooling op on constant logits: the logit module's cost left out."""
+    def fwd(s, x):
+        return lip2d_bounded(x, torch.zeros_like(x), s.kernel_size, s.stride)
+    p.forward = types.MethodType(fwd, p)
+
+
+def _logit_only(p):
+    """The logit module computed (and back-propagated), max pooling kept: the pooling op left out."""
+    def fwd(s, x):
+        return F.max_pool2d(x, s.kernel_size, s.stride) + 0 * F.max_pool2d(s.logit(x), s.kernel_size, s.stride)
+    p.forward = types.MethodType(fwd, p)
+
+
+def breakdown(device: str, width: float, size: int, batch: int, repeats: int) -> None:
+    """LIP's step split into the twin network, the pooling op, the logit module and its norms."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 7, (batch,), device=device)
+
+    def make(pool, patch=None, lip_norm=True):
+        torch.manual_seed(0)
+        m = lip_vgg16(7, pool=pool, width=width, lip_norm=lip_norm).to(device).train()
+        for p in m.modules():
+            if patch and isinstance(p, LIPPool2d):
+                patch(p)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+        def step():
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    t = interleaved({"twin": make("max"), "pool op": make("lip", _constant_logits),
+                     "logit module": make("lip", _logit_only), "lip": make("lip"),
+                     "lip, no norms": make("lip", lip_norm=False)}, repeats, device)
+    lip = t["lip"]
+    parts = {"the max-pool twin's network (convs, BN, head, ECA)": t["twin"],
+             "LIP's pooling op (exp, weighted avg pools; vs max pool)": t["pool op"] - t["twin"],
+             "logit modules' InstanceNorms": t["lip"] - t["lip, no norms"],
+             "logit modules' convs, ReLUs, SoftGate": t["logit module"] - t["twin"] - (t["lip"] - t["lip, no norms"])}
+    print(f"where LIP-VGG16's training step goes, width {width}, {size}x{size}, batch {batch}, fp32 "
+          f"({lip * 1e3:.1f} ms/step; forward and backward of each part):")
+    for k, v in parts.items():
+        print(f"  {k:58} {v * 1e3:8.1f} ms  {v / lip:6.1%}")
+    rest = lip - sum(parts.values())
+    print(f"  {'(interaction / noise)':58} {rest * 1e3:8.1f} ms  {rest / lip:6.1%}")
 
 
 def main() -> None:
@@ -129,12 +189,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time the compiled LIP op (~30 s to compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the step breakdown")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}")
     bench_op(a.device, a.repeats, a.compile)
     for w in a.widths:
+        if a.breakdown:
+            breakdown(a.device, w, a.size, a.batch, a.repeats)
         bench_models(a.device, w, a.size, a.batch, a.repeats, a.dtypes)
 
 

@@ -29,13 +29,13 @@ def _parse_value(v: str):
     return yaml.safe_load(v)
 
 
-def per_class(model, x, y, crop: int, num_classes: int) -> tuple[float, list[float]]:
+def per_class(model, x, y, crop: int, num_classes: int, amp: bool = False) -> tuple[float, list[float]]:
     from pipeline.data.loader import center_crop, normalize
     import torch
 
     model.eval()
     preds = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(y), 128):
             preds.append(model(normalize(center_crop(x[i:i + 128], crop))).argmax(1))
     p = torch.cat(preds)
@@ -54,6 +54,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
 
     from pipeline.data.loader import load_split
     from pipeline.model import checkpoint, lip_vgg16
+    from pipeline.model.speed import resolve_amp
     from pipeline.train.config import TrainConfig
     from pipeline.train.imbalance import make_batches, make_criterion
     from pipeline.train.worker import lr_lambda, make_optimizer, train_step
@@ -76,6 +77,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(
         steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
     crit = make_criterion(cfg, counts, "cpu")
+    amp = resolve_amp(cfg["amp"], "cpu")  # `amp: true` trains and evaluates under bf16 autocast
     torch.manual_seed(seed * 1000)
     random.seed(seed * 1000)
     best, best_state, hist = -1.0, None, []
@@ -84,18 +86,19 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     path = out / f"{name}__s{seed}.json"
     rec = {"name": name, "seed": seed, "epochs": cfg["epochs"], "status": "running",
            "init": base["init"], "overrides": {k: v for k, v in base.items() if k not in ("data", "init")},
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "precision": "bf16 autocast" if amp else "fp32",
+           "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
     for epoch in range(1, cfg["epochs"] + 1):
         model.train()
         batches.set_epoch(epoch)
         t0 = time.perf_counter()
         ls, corr, seen = 0.0, 0, 0
         for _, (x, y) in zip(range(steps), batches):
-            loss, logits = train_step(model, x, y, crit, opt, sched)
+            loss, logits = train_step(model, x, y, crit, opt, sched, amp=amp)
             ls += float(loss) * len(y)
             corr += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        va, vcls = per_class(model, vx, vy, cfg["crop"], cfg["num_classes"])
+        va, vcls = per_class(model, vx, vy, cfg["crop"], cfg["num_classes"], amp)
         hist.append({"epoch": epoch, "train_loss": ls / seen, "train_accuracy": corr / seen,
                      "val_accuracy": va, "val_mean_class_accuracy": sum(vcls) / len(vcls),
                      "val_per_class": vcls, "epoch_time_s": time.perf_counter() - t0})
@@ -111,7 +114,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
                    wall_s=time.perf_counter() - t_start)
         path.write_text(json.dumps(rec, indent=1))
     model.load_state_dict(best_state)
-    ta, tcls = per_class(model, ex, ey, cfg["crop"], cfg["num_classes"])
+    ta, tcls = per_class(model, ex, ey, cfg["crop"], cfg["num_classes"], amp)
     rec.update(status="done", test_accuracy_center=ta, test_per_class_center=tcls,
                test_mean_class_accuracy_center=sum(tcls) / len(tcls), wall_s=time.perf_counter() - t_start)
     path.write_text(json.dumps(rec, indent=1))
