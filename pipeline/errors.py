@@ -15,7 +15,7 @@ def as_user_error(e: BaseException) -> str | None:
     named with the tracking URI they were talking to."""
     if isinstance(e, FerError):
         return str(e)
-    if type(e).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
+    if type(e).__module__.split(".")[0] in ("mlflow", "requests", "urllib3", "sqlalchemy"):
         lines = str(e).strip().splitlines()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "the local sqlite:///mlflow.db"
         return f"MLflow at {uri}: {lines[0] if lines else type(e).__name__}"

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -81,8 +82,38 @@ def _create_sqlite_store_once(uri: str) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        check_sqlite_store(db)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates or migrates
     _READY.add(uri)
+
+
+def check_sqlite_store(db: Path) -> None:
+    """A store file that exists must be a whole SQLite database: a truncated one made MLflow raise
+    a raw ``DatabaseError`` traceback, and an empty one was silently made a new, empty store (by a
+    read-only ``fer predict`` too). Either is one line naming the file and what to do."""
+    if not db.exists():
+        return
+    what = None
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(16)
+        if head != b"SQLite format 3\x00":
+            what = "empty" if not head else "not an SQLite database"
+        else:
+            import sqlite3
+
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                ok = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+            finally:
+                con.close()
+            if ok != "ok":
+                what = f"damaged ({ok})"
+    except Exception as e:  # noqa: BLE001 - sqlite3.DatabaseError and OSError alike
+        what = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if what:
+        raise FerError(f"the MLflow store {db} is {what}: move it aside (mv {db} {db}.damaged) to start "
+                       "a new store, or put back a copy of it")
 
 
 def client():
@@ -182,13 +213,53 @@ def start_run(experiment: str, run_name: str, *, stage: str, dataset: str,
     c = client()
     commit = git_commit()
     all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "stage": stage,
-                "dataset": dataset, **(tags or {})}
-    run = c.create_run(get_or_create_experiment(experiment), run_name=run_name,
-                       tags={k: str(v) for k, v in all_tags.items()})
+                "dataset": dataset, "pid": os.getpid(), "host": socket.gethostname(), **(tags or {})}
+    experiment_id = get_or_create_experiment(experiment)
+    run = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    close_abandoned_runs(experiment_id, stage, dataset, by=run.info.run_id)
     flat = [Param(k, v) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run.info.run_id, params=flat[i:i + 100])
     return run.info.run_id
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def close_abandoned_runs(experiment_id: str, stage: str, dataset: str, *, by: str) -> list[str]:
+    """Runs of this stage and dataset left RUNNING by a process that is gone (killed: it never
+    closed them) become KILLED, MLflow's status for it, with a tag saying why. Only runs this
+    host started are judged (their ``pid`` tag); a run whose process still lives (a second
+    `dvc exp` worker, say) is left alone. Returns the ids closed."""
+    c = client()
+    host = socket.gethostname()
+    closed = []
+    try:
+        runs = c.search_runs([experiment_id], max_results=200, filter_string=(
+            f"attributes.status = 'RUNNING' and tags.stage = '{stage}' and tags.dataset = '{dataset}'"))
+    except Exception:  # noqa: BLE001 - bookkeeping: never fail a stage over it
+        return closed
+    for r in runs:
+        tags = r.data.tags
+        if r.info.run_id == by or tags.get("host") != host or not str(tags.get("pid", "")).isdigit():
+            continue
+        pid = int(tags["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        c.set_tag(r.info.run_id, "killed_reason",
+                  f"its process (pid {pid} on {host}) ended without closing the run; closed by run {by}")
+        c.set_terminated(r.info.run_id, status="KILLED")
+        closed.append(r.info.run_id)
+    if closed:
+        print(f"mlflow: marked {len(closed)} earlier {stage} run(s) of a killed process KILLED", flush=True)
+    return closed
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -31,7 +31,8 @@ def train_stage(*, stage: str, dataset: str) -> dict:
     # The run name hashes the config, the init weights and the training code: an interrupted run
     # resumes from its last Ray checkpoint; changed params, weights or code start a fresh run.
     h = hashlib.sha256(json.dumps({**options, "init": init}, sort_keys=True).encode())
-    for f in sorted([Path(init), *CODE.glob("train/*.py"), *CODE.glob("model/*.py"), CODE / "data/loader.py"]):
+    for f in sorted([Path(init), *CODE.glob("train/*.py"), *CODE.glob("model/*.py"), CODE / "data/loader.py",
+                     CODE / "kernels.py"]):
         if f.is_file():
             h.update(f.read_bytes())
     digest = h.hexdigest()[:10]

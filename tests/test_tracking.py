@@ -156,3 +156,66 @@ def test_champion_loads_with_pyfunc_and_predicts_raw_faces(registry, assets):
     local = Predictor(assets["checkpoint"], device="cpu").predict_faces(jpegs)
     np.testing.assert_allclose([[p["probabilities"][c] for c in CLASSES] for p in local], probs,
                                atol=1e-6)
+
+
+def test_a_killed_stages_run_is_marked_killed_by_the_next_one(store):
+    """A stage killed with SIGKILL leaves its MLflow run RUNNING; the next run of the same stage
+    and dataset marks it KILLED with a tag saying why. A RUNNING run whose process lives is kept."""
+    import signal
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    code = ("import sys, time; from pipeline import tracking as T; "
+            "print(T.start_run('kill-test', 'train-x', stage='train_rafdb', dataset='rafdb'), flush=True); "
+            "time.sleep(600)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        ids = [p.stdout.readline().strip() for p in procs]
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        c = MlflowClient()
+        assert [c.get_run(i).info.status for i in ids] == ["RUNNING", "RUNNING"]
+        other = T.start_run("kill-test", "evaluate-x", stage="evaluate", dataset="rafdb")
+        assert c.get_run(ids[0]).info.status == "RUNNING"  # another stage judges only its own runs
+        new = T.start_run("kill-test", "train-y", stage="train_rafdb", dataset="rafdb")
+        killed, alive = c.get_run(ids[0]), c.get_run(ids[1])
+        assert killed.info.status == "KILLED" and new in killed.data.tags["killed_reason"]
+        assert f"pid {procs[0].pid}" in killed.data.tags["killed_reason"]
+        assert alive.info.status == "RUNNING"  # its process still runs
+        for i in (other, new):
+            T.end_run(i)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+
+def test_a_damaged_or_empty_store_is_one_line_and_left_as_it_is(tmp_path, monkeypatch):
+    """A store truncated to half its size, or a 0-byte one: every entry point says so in one line
+    naming the file (the stages through `client()`, `fer predict` before touching the store),
+    and the file is not replaced by a fresh store."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    good = tmp_path / "good.db"
+    MlflowClient(tracking_uri=f"sqlite:///{good}").search_experiments(max_results=1)
+    data = good.read_bytes()
+    for name, content in (("half", data[: len(data) // 2]), ("empty", b"")):
+        db = tmp_path / f"{name}.db"
+        db.write_bytes(content)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        T._READY.discard(f"sqlite:///{db}")
+        with pytest.raises(FerError, match=rf"the MLflow store {db} is .*mv {db} {db}.damaged"):
+            T.client()
+        photo = tmp_path / "face.png"
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(photo), "--model",
+                            "models:/lip-vgg16-rafdb@champion"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"the MLflow store {db} is" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert db.read_bytes() == content  # not re-created, not touched

@@ -28,13 +28,15 @@ def load_predictor(model: str | None, device: str | None = None):
     if model is None:
         model = DEFAULT_MODELS[0] if Path(DEFAULT_MODELS[0]).is_file() else DEFAULT_MODELS[1]
     if model.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import sqlite_file, tracking_uri
+        from pipeline.tracking import check_sqlite_store, sqlite_file, tracking_uri
 
         uri = tracking_uri()
         db = sqlite_file(uri)
         if db is not None and not db.is_file():
             raise FerError(f"no model at {model}: the MLflow store {uri} does not exist yet "
                            "(run the pipeline, or pass --model path/to/model.pt)")
+        if db is not None:
+            check_sqlite_store(db)  # read-only: a damaged or empty store is refused, never re-created
     with checkpoint_path(model) as ckpt:
         return Predictor(str(ckpt), device=device)
 
