@@ -54,6 +54,21 @@ IMBALANCE = [("none (plain cross-entropy): the default recipe at 45 epochs (all 
 #: so that the LIP row's difference reads as what LIP adds.
 POOLING = [("2x2 max pooling (VGG16-BN's pool), otherwise the default recipe at 45 epochs", "e45_max"),
            ("LIP (the default network), 45 epochs", "e45_base")]
+#: Why LIP learned slowly (issue #25), 30 epochs of the default recipe, max pooling first: what each
+#: LIP start / optimiser / norm choice does against the pool LIP replaces, with average pooling
+#: (LIP's own start) as the floor.
+CAUSE = [("2x2 max pooling (VGG16-BN's pool), 30 epochs", "e30_w25_s56_max"),
+         ("LIP as it was: the logit module's last conv zero-initialised before an InstanceNorm", "e30_w25_s56_oc10_ls0"),
+         ("LIP, the last InstanceNorm's gain and bias zero-initialised (the start now)", "e30_lipzg"),
+         ("the same, no weight decay on norm gains and biases (`decay_norms: false`)", "e30_lipzg_nd"),
+         ("LIP without the logit module's InstanceNorms (`lip_norm: false`, last conv zero)", "e30_lipnonorm"),
+         ("2x2 average pooling (what LIP starts as)", "e30_avg")]
+#: The default network at the default 60 epochs: LIP's old start vs the new one.
+CAUSE60 = [("LIP as it was (the old start), 60 epochs", "e60_w25_s56"),
+           ("LIP, zero-gain last norm (the default now), 60 epochs", "e60_lipzg")]
+#: Precision (issue #26): fp32 vs bf16 autocast on the CPU, the default recipe at 60 epochs.
+PRECISION = [("fp32 (`amp: auto` on a CPU)", "e60_lipzg"),
+             ("bf16 autocast (`amp: true`)", "e60_lipzg_bf16")]
 MAX_ACC_DROP = 0.01  # a rare-class remedy becomes the default only if val accuracy drops <= 1 point
 #: the default recipe's targets on the RAF-DB-layout test split (checked per pipeline seed)
 TARGET_TEN_CROP, TARGET_MEAN_CLASS = 0.80, 0.65
@@ -311,6 +326,17 @@ def pooling_verdict(summ: dict) -> str:
             f"{fmt_compare(mca)}.")
 
 
+def precision_verdict(summ: dict) -> str:
+    c = summ.get(PRECISION[1][1], {}).get("vs_ref")
+    if not c:
+        return "fp32 vs bf16 on the CPU: not run (both rows need their runs)."
+    acc, mca = c["val_accuracy"], c["val_mean_class_accuracy"]
+    return (f"bf16 autocast against fp32, val accuracy: {fmt_compare(acc)}; val mean class accuracy: "
+            f"{fmt_compare(mca)}. `amp: auto` is fp32 on every CPU regardless: with the CPU kernels pinned "
+            "(the default) bf16 has no native kernels to run on, and a machine with native bf16 would "
+            "write other figures than every other machine.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readme", default=str(ROOT / "README.md"))
@@ -323,6 +349,9 @@ def main() -> None:
     rec_lines, rec = table(RECIPE, runs, classes)
     imb_lines, imb = table(IMBALANCE, runs, classes)
     pool_lines, pool = table(POOLING, runs, classes)
+    cause_lines, cause = table(CAUSE, runs, classes)
+    cause60_lines, cause60 = table(CAUSE60, runs, classes)
+    prec_lines, prec = table(PRECISION, runs, classes)
     verdict = imbalance_verdict(imb)
     how = ("Runs of `scripts/recipe_runs.py` (the worker's training step, augmentation and losses in one "
            "process, world size 1, as the pipeline trains by default: one Ray worker), chosen by val accuracy; "
@@ -330,7 +359,12 @@ def main() -> None:
            "a difference is *beyond noise* at p < 0.05 (Welch's t over seeds), with one seed the noise is "
            "unknown.")
     (ROOT / "reports").mkdir(exist_ok=True)
-    (ROOT / "reports" / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool}, indent=1))
+    (ROOT / "reports" / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool, "lip_cause": cause,
+                                                              "lip_cause_60": cause60}, indent=1))
+    (ROOT / "reports" / "bf16_recipe.json").write_text(json.dumps({"runs": prec}, indent=1))
+    prec_md = ["# fp32 vs bf16 autocast on the CPU, the default recipe", "", how, "", *prec_lines, "",
+               precision_verdict(prec), ""]
+    (ROOT / "reports" / "bf16_recipe.md").write_text("\n".join(prec_md) + "\n")
     (ROOT / "reports" / "imbalance.json").write_text(json.dumps({"runs": imb, "verdict": verdict,
                                                                  "max_accuracy_drop": MAX_ACC_DROP}, indent=1))
     decision = f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}."
@@ -338,7 +372,12 @@ def main() -> None:
     imb_md = ["# Rare classes on the RAF-DB-layout synthetic set", "", how, "", *imb_lines, "", decision]
     (ROOT / "reports" / "imbalance.md").write_text("\n".join(imb_md) + "\n")
     rec_md = ["# Recipe comparison on the RAF-DB-layout synthetic set", "", how, "", *rec_lines, "",
-              "## LIP vs max pooling on the default recipe", "", *pool_lines, "", pool_verdict, ""]
+              "## LIP vs max pooling on the default recipe", "", *pool_lines, "", pool_verdict, "",
+              "## Why LIP learned slowly: the cause study (30 epochs)", "", *cause_lines, "",
+              "## LIP's old and new start at the default 60 epochs", "", *cause60_lines, "",
+              "Runs made on different machines are mixed in these tables (the older files on the machine "
+              "that made the committed figures, the newer ones on an AMD EPYC with AVX-512; "
+              "`cpu_kernels` in the newer files): the seeds differ by far more than the kernels do.", ""]
     (ROOT / "reports" / "recipe.md").write_text("\n".join(rec_md) + "\n")
 
     block = [BEGIN, "", "### The embedded default (synthetic faces, CPU)", "", *default_block(classes), "",
@@ -348,8 +387,11 @@ def main() -> None:
              decision, "",
              "### LIP vs max pooling on the default recipe (`reports/recipe.md`)", "", *pool_lines, "",
              pool_verdict, "",
+             "### Why LIP learned slowly (`reports/recipe.md`)", "", *cause_lines, "", *cause60_lines, "",
+             "### fp32 vs bf16 autocast on the CPU (`reports/bf16_recipe.md`)", "", *prec_lines, "",
+             precision_verdict(prec), "",
              "The runs, each reproduced by (after `dvc repro ingest@rafdb imagenet_init`):", "",
-             *commands([n for _, n in RECIPE + IMBALANCE + POOLING], runs), "",
+             *commands([n for _, n in RECIPE + IMBALANCE + POOLING + CAUSE + CAUSE60 + PRECISION], runs), "",
              "### LIP vs VGG16-BN at the default size", "", *ablation_lines(), "", END]
     readme = Path(a.readme)
     text = readme.read_text()

@@ -13,20 +13,25 @@ from pipeline.model import lip_vgg16
 
 
 def main() -> None:
+    from pipeline.train.imbalance import make_batches
+    from pipeline.train.worker import train_step
+
     torch.set_num_threads(1)  # the summation order may depend on the thread count
     torch.manual_seed(0)
     model = lip_vgg16(7, width=0.0625, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(16, 3, 56, 56, generator=g)
-    y = torch.randint(0, 7, (16,), generator=g)
+    images = torch.randint(0, 256, (64, 3, 56, 56), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 7, (64,), generator=g)
+    # the training stage's own batches: random crops, mirror and rotation (affine grids)
+    cfg = {"sampler": "shuffle", "num_classes": 7}
+    batches = make_batches(cfg, images, labels, batch_size=16, crop=48, train=True, seed=3,
+                           max_rotate_deg=10.0, drop_last=True)
+    batches.set_epoch(1)
     losses = []
-    for _ in range(4):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    for _, (x, y) in zip(range(4), batches):
+        loss, _ = train_step(model, x, y, F.cross_entropy, opt)
+        losses.append(float(loss))
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())

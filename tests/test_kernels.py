@@ -1,14 +1,14 @@
 """CPU kernel pinning (pipeline.kernels): the pinned run's bytes against a committed reference.
 
 tests/kernel_probe.py trains a tiny LIP-VGG16 for 4 steps in a fresh process; pinned
-(FER_CPU_KERNELS=portable, the default) and native. The reference was made pinned on an AMD EPYC
+(FER_CPU_KERNELS=portable, the default) and native, on the training stage's own batches. The reference was made pinned on an AMD EPYC
 with AVX-512 and native bf16, where the native kernels (AVX512) give other bytes.
 
 What is guaranteed, and so checked strictly: two pinned processes agree, and on a CPU of the
 reference's model the pinned bytes equal the reference. On another CPU model the comparison is
-the open question the README states (torch's own kernels and MKL follow their AVX2 paths, MKL's
-CNR mode documents identical results across CPUs; oneDNN's convolutions are capped at AVX2 but
-oneDNN documents no cross-CPU guarantee): the test then prints the outcome and does not fail on it.
+the open question the README states (one AVX2-only AMD EPYC was matched at epoch 1 of a real
+training stage; oneDNN documents no cross-CPU guarantee, and MKL is left unpinned): the test then
+prints the outcome and does not fail on it.
 """
 from __future__ import annotations
 

@@ -100,6 +100,8 @@ def test_served_champion_equals_fer_predict(served, tmp_path):
     (_frame("this is not base64!"), "base64"),
     (_frame(base64.b64encode(b"plain text, not an image").decode()), "not an image"),
     (_frame(""), "zero-byte file"),
+    (_frame(*[base64.b64encode(b"x").decode()] * 65), "at most 64 (FER_SERVE_MAX_IMAGES)"),
+    (_frame(base64.b64encode(b"\0" * (33 * 2**20)).decode()), "MiB (FER_SERVE_MAX_BYTES)"),
 ])
 def test_bad_payload_is_a_400_and_the_server_stays_up(served, payload, says):
     url, _ = served
@@ -141,3 +143,15 @@ def test_wrong_payload_is_refused_by_the_signature(served):
         assert says in out.get("message", ""), out
     status, out = _post(url, _frame(ok))
     assert status == 200 and len(out["predictions"]) == 1
+
+
+def test_request_caps_are_one_line(monkeypatch):
+    """Over the images-per-request or bytes-per-request cap: refused before anything is decoded."""
+    from pipeline.infer.pyfunc import check_request
+
+    check_request([b"x"] * 64)
+    with pytest.raises(ValueError, match="65 images in one request: at most 64"):
+        check_request([b"x"] * 65)
+    monkeypatch.setenv("FER_SERVE_MAX_BYTES", "10")
+    with pytest.raises(ValueError, match="MiB of images in one request"):
+        check_request([b"x" * 11])
