@@ -155,6 +155,32 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
+#: MLflow 3's UI picks its view per experiment from this tag: without it a new experiment may
+#: open on the GenAI traces page, with the Models link hidden; ours are model-training ones.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def _check_artifact_root(exp) -> None:
+    """The default local store records each experiment's artifact folder as an absolute path: in a
+    copied or moved clone it still names the original folder, so runs would write there. Refused
+    in one line for a ``sqlite:///`` store whose artifacts lie outside the store's folder."""
+    uri = tracking_uri()
+    root = sqlite_root(uri)
+    loc = exp.artifact_location or ""
+    if root is None or not loc.startswith("file://"):
+        return
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(loc).path))
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise FerError(f"the MLflow store {sqlite_file(uri)} keeps experiment {exp.name!r}'s artifacts in "
+                       f"{path}, outside {root} (a copied or moved clone?): runs here would write there. "
+                       f"Move mlflow.db and mlartifacts/ aside to start a store of this clone's own, or set "
+                       f"MLFLOW_TRACKING_URI to the original store") from None
+
+
 def get_or_create_experiment(name: str) -> str:
     """The id of experiment ``name``, created if missing. On a SQLite store its artifacts go
     to ``<store folder>/mlartifacts/<name>`` (the repo root's ``mlartifacts/`` by default)."""
@@ -163,11 +189,14 @@ def get_or_create_experiment(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        _check_artifact_root(exp)
+        if exp.tags.get(KIND_TAG) is None:
+            c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     root = sqlite_root(tracking_uri())
     location = (root / "mlartifacts" / _safe_name(name)).as_uri() if root else None
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except MlflowException:
         exp = c.get_experiment_by_name(name)  # created concurrently by another process
         if exp is None:

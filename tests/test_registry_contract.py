@@ -20,7 +20,6 @@ from pipeline.infer import registry as R
 from test_evaluate import make_assets
 
 NAME = "lip-vgg16-contract"
-TRAIN_RUN = "0123456789abcdef0123456789abcdef"
 DATA_MD5 = "5eb63bbbe01eeed093cb22bb8f5acdc3.dir"
 
 
@@ -28,11 +27,12 @@ DATA_MD5 = "5eb63bbbe01eeed093cb22bb8f5acdc3.dir"
 def registered(tmp_path_factory):
     d = tmp_path_factory.mktemp("contract")
     assets = make_assets(tmp_path_factory.getbasetemp() / "tiny_assets")
-    # the training stage's checkpoint records its config and MLflow run: add them to the tiny one
+    # the training stage's checkpoint records its config and run name, not its MLflow run id (that
+    # would change the model's bytes on every run): the registry finds the run by its name
     ckpt = torch.load(assets["checkpoint"], map_location="cpu", weights_only=True)
     ckpt["train_config"] = {"pool": "lip", "head": "conv", "attention": "eca", "width": 0.0625,
                             "lr": 0.003, "epochs": 12, "data": str(assets["parquet"]),
-                            "run_name": "train_rafdb-0123456789", "mlflow_run_id": TRAIN_RUN}
+                            "run_name": "train_rafdb-0123456789", "mlflow_run_id": None}
     model = d / "model.pt"
     torch.save(ckpt, model)
     lock = d / "dvc.lock"
@@ -43,11 +43,16 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d}/mlflow.db")
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        failed = T.start_run("contract-tests", "train_rafdb-0123456789", stage="train_rafdb", dataset="t")
+        T.end_run(failed, "FAILED")  # an earlier attempt of the same run name did not finish
+        train = T.start_run("contract-tests", "train_rafdb-0123456789", stage="train_rafdb", dataset="t")
+        T.end_run(train)
+        T.end_run(T.start_run("contract-tests", "train_rafdb-9999999999", stage="train_rafdb", dataset="t"))
         run = T.start_run("contract-tests", "evaluate-t", stage="evaluate", dataset="t", params={})
         v = R.log_and_register_model(run, model, registered_name=NAME, test_accuracy=metrics["accuracy"],
                                      metrics=metrics, dataset="t", data=assets["parquet"], lock=lock)
         T.end_run(run)
-        yield {"version": v, "run": run, "assets": assets, "ckpt": ckpt, "client": T.client()}
+        yield {"version": v, "run": run, "train": train, "assets": assets, "ckpt": ckpt, "client": T.client()}
 
 
 def test_version_has_signature_and_input_example(registered):
@@ -74,10 +79,11 @@ def test_version_has_description_and_tags(registered):
     text = mv.description
     assert "t," in text and str(registered["assets"]["parquet"]) in text and DATA_MD5 in text
     assert "0.5123" in text and "n=21" in text and "mean class accuracy 0.4100" in text
-    assert TRAIN_RUN in text and "train_rafdb-0123456789" in text and registered["run"] in text
+    train = registered["train"]  # the id of the run that trained it, found by its name
+    assert f"Training run: {train} (train_rafdb-0123456789)" in text and registered["run"] in text
     assert mv.tags["data_version"] == DATA_MD5
     assert mv.tags["params_hash"] == R.params_hash(registered["ckpt"]["train_config"])
-    assert len(mv.tags["params_hash"]) == 12 and mv.tags["training_run_id"] == TRAIN_RUN
+    assert len(mv.tags["params_hash"]) == 12 and mv.tags["training_run_id"] == train
     assert float(mv.tags[R.ACCURACY_TAG]) == pytest.approx(0.5123)
 
 

@@ -219,3 +219,22 @@ def test_a_damaged_or_empty_store_is_one_line_and_left_as_it_is(tmp_path, monkey
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"the MLflow store {db} is" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert db.read_bytes() == content  # not re-created, not touched
+
+
+def test_experiment_kind_and_a_copied_store_pointing_outside(tmp_path, monkeypatch):
+    """New experiments are model-training ones (MLflow's UI then opens on runs and models, not
+    GenAI traces); a store copied with its repo still names the original artifact folder, which
+    is refused in one line instead of written into."""
+    import shutil
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    orig.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{orig}/mlflow.db")
+    exp_id = T.get_or_create_experiment("kind-test")
+    c = T.client()
+    assert c.get_experiment(exp_id).tags[T.KIND_TAG] == "custom_model_development"
+    assert T.get_or_create_experiment("kind-test") == exp_id  # inside its own folder: fine
+    shutil.copytree(orig, copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy}/mlflow.db")
+    with pytest.raises(FerError, match=rf"keeps experiment 'kind-test'.s artifacts in {orig}/mlartifacts"):
+        T.get_or_create_experiment("kind-test")

@@ -193,6 +193,23 @@ def champion(name: str) -> tuple[int, float] | None:
     return int(mv.version), float(acc) if acc is not None else float("nan")
 
 
+def training_run_id(train_config: dict, eval_run_id: str) -> str | None:
+    """The MLflow run that trained the checkpoint. ``model.pt`` no longer carries its id (it would
+    change the model's bytes on every run), so it is found by name: the training stage names its
+    run ``run_name`` (``<stage>-<hash of config, init and code>``), in the experiment the
+    evaluation logs to; the newest FINISHED run of that name, else None."""
+    name = (train_config or {}).get("run_name")
+    if train_config.get("mlflow_run_id"):
+        return train_config["mlflow_run_id"]
+    if not name:
+        return None
+    c = client()
+    exp = c.get_run(eval_run_id).info.experiment_id
+    runs = c.search_runs([exp], filter_string=f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, registered_name: str,
                            test_accuracy: float, metrics: dict | None = None, dataset: str | None = None,
                            data: str | os.PathLike | None = None, lock: str | os.PathLike = "dvc.lock") -> int:
@@ -206,7 +223,8 @@ def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, r
     if not ckpt.is_file():
         raise FerError(f"checkpoint {ckpt} not found")
     meta = _checkpoint_meta(ckpt)
-    tc = meta.get("train_config") or {}
+    tc = dict(meta.get("train_config") or {})
+    tc["mlflow_run_id"] = training_run_id(tc, run_id)
     info = log_model(run_id, ckpt, registered_name=registered_name, example=example_image(data),
                      classes=meta["classes"])
     version = int(info.registered_model_version)
