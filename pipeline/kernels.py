@@ -78,4 +78,4 @@ def describe() -> str:
     if pinned.lower() != "avx2" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() != "AVX2":
         return (f"CPU kernels {cap} (ATEN_CPU_CAPABILITY={pinned or 'unset'}, "
                 f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}: set by you)")
-    return f"CPU kernels {cap} pinned (FER_CPU_KERNELS=portable: the same bytes on any AVX2 x86-64 CPU)"
+    return f"CPU kernels {cap} pinned (FER_CPU_KERNELS=portable: torch's and oneDNN's AVX2 kernels on any x86-64 CPU)"

@@ -3,6 +3,8 @@ on every model variant, with a dynamic batch axis; `fer predict --model model.on
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import json
 
 import numpy as np
@@ -65,6 +67,9 @@ def test_fer_export_and_predict_with_onnx(tmp_path_factory, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", "--onnx", str(out), "--model", str(assets["checkpoint"])]) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # the user's normal mode, not mkstemp's 0600
     face = tmp_path / "face.jpg"
     face.write_bytes(render(3, "rafdb", seed=7, index=1))
     args = add_predict_arguments(argparse.ArgumentParser()).parse_args(

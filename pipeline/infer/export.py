@@ -79,6 +79,9 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
         m.producer_name = "fer-lipvgg"
         onnx.checker.check_model(m)
         onnx.save(m, tmp)
+        from pipeline.data._util import umask_mode
+
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp made it 0600: the user's normal file mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
