@@ -241,6 +241,17 @@ def _sfew_with_holes(tmp: Path) -> list[str]:
                "--max-bad-fraction", "1")
 
 
+def _three_faces(tmp: Path) -> list[str]:
+    """Three faces of one class: ingest once accepted it (rc 0, val 0 / test 0, no warning) and
+    training then failed inside its Ray worker, retried, with two tracebacks."""
+    write_synthetic(tmp / "raf", layout="rafdb", n=60, seed=4)
+    lines = (tmp / "raf/EmoLabel/list_patition_label.txt").read_text().splitlines()
+    keep = [ln for ln in lines if ln.startswith("train_")][:3]
+    keep = [f"{ln.split()[0]} 4" for ln in keep]
+    (tmp / "raf/EmoLabel/list_patition_label.txt").write_text("\n".join(keep) + "\n")
+    return fer("ingest", str(tmp / "raf"), str(tmp / "pq"), "--report", str(tmp / "r.json"))
+
+
 def _holes_reported(tmp: Path, _res) -> None:
     os.chmod(tmp / "sfew/Train/Train_Aligned_Faces/Unread", 0o755)  # let pytest clean up
     rep = json.loads((tmp / "r.json").read_text())
@@ -308,8 +319,11 @@ CASES = [
     # ---- silent corruption / resource exhaustion
     Case("predict-pixel-bomb", _predict_setup(_ckpt, _bomb), 2, "megapixel"),
     Case("ingest-non-utf8-file-name", _non_utf8, 0, check=_non_utf8_recorded),
-    Case("ingest-unreadable-and-empty-folders", _sfew_with_holes, 0, check=_holes_reported,
-         prefix=_NO_DAC),
+    # the emptied Fear folder leaves a class with no training face: refused (it could never be
+    # learned), with the report still listing every hole
+    Case("ingest-unreadable-and-empty-folders", _sfew_with_holes, 2, "fear have no training faces",
+         check=_holes_reported, prefix=_NO_DAC),
+    Case("ingest-too-few-faces-to-split", _three_faces, 2, "split 'val' has no faces (carved from train"),
     # ---- one clear line
     Case("stage-ingest-unknown-dataset",
          lambda t: _project(t, previous=("parquet",)) or stage("ingest", "fer2013"),

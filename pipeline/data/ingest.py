@@ -290,6 +290,13 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         for rec, _ in good[s]:
             report["class_counts"][s][names[rec.label]] += 1
 
+    cannot = cannot_train(report, val_source)
+    if cannot:
+        report["failed"] = True
+        _write_json(report_path, report)
+        _finish(report, t0, workers, rsrc, rout, report_path, progress)
+        raise FerError(f"{shown(str(src))}: {cannot}; OUT is unchanged (see {report_path})")
+
     over = {s: b for s, b in bad.items() if b["fraction"] > max_bad_fraction}
     if over:
         s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
@@ -317,6 +324,26 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
                     report["class_counts"][s][names[rec.label]] -= 1
     _write_json(report_path, report)
     return _finish(report, t0, workers, rsrc, rout, report_path, progress)
+
+
+def cannot_train(report: dict, val_source: str) -> str | None:
+    """Why a dataset cannot be trained and evaluated, or None: an empty split (the worker would fail
+    on it after Ray has started, and be retried; a face dataset needs a test split too), or a class
+    with no training face (it could never
+    be learned, and its test accuracy would read 0% for no fault of the model)."""
+    counts = report["counts"]
+    # a generic ImageFolder (ImageNet-style, for pretraining) may have no test split
+    needed = ("train", "val") if report["layout"] == "imagefolder" else SPLITS
+    for s in needed:
+        if counts.get(s, 0) == 0:
+            carved = " (carved from train: too few train faces)" if s == "val" and val_source == "carved" else ""
+            return (f"split '{s}' has no faces{carved}; counts {counts}: a dataset needs train, val and "
+                    "test faces to train and be evaluated")
+    missing = [n for n, k in report["class_counts"]["train"].items() if k == 0]
+    if missing:
+        return (f"class(es) {', '.join(missing)} have no training faces (train counts "
+                f"{report['class_counts']['train']}): every class needs some")
+    return None
 
 
 def _finish(report: dict, t0: float, workers: int, rsrc: Path, rout: Path, report_path: Path,
