@@ -260,12 +260,26 @@ def pipeline_seeds(root: Path = ROOT) -> dict[int, dict]:
     return out
 
 
+def pipeline_seeds_old(root: Path = ROOT) -> dict[int, dict]:
+    out = {}
+    for d in sorted((root / "reports" / "seeds_old_lip_start").glob("seed*")):
+        ev = {ds: _load(d / f"eval_{ds}.json") for ds in ("rafdb", "sfew")}
+        if d.name[4:].isdigit() and all(isinstance(e, dict) and "accuracy" in e for e in ev.values()):
+            out[int(d.name[4:])] = ev
+    return out
+
+
 def seed_block(seeds: dict[int, dict]) -> list[str]:
     """The default pipeline's test figures over its training seeds: mean ± sample std per figure,
     per class, and the classes any seed leaves at 0%."""
     if len(seeds) < 2:
-        return [f"Only {len(seeds)} seed of the whole pipeline has been run: "
-                "`python scripts/pipeline_seeds.py --seeds 1 2` runs two more."]
+        old = pipeline_seeds_old()
+        return [f"Only {len(seeds)} seed of the whole pipeline has been run with the current default (LIP's "
+                "zero-gain start): `python scripts/pipeline_seeds.py --seeds 1 2` runs two more. The "
+                "previous default (LIP's old start) at seeds 1 and 2 (`reports/seeds_old_lip_start/`): "
+                + "; ".join(f"seed {k}: RAF-DB ten-crop {100 * v['rafdb']['accuracy']:.1f}%, mean class "
+                            f"{100 * v['rafdb']['mean_class_accuracy']:.1f}%, SFEW {100 * v['sfew']['accuracy']:.1f}%"
+                            for k, v in old.items()) + "."]
     lines = [f"`dvc repro` at training seeds {', '.join(map(str, seeds))} (`train_rafdb.seed` = "
              "`finetune_sfew.seed`; the data are the same): " + "; ".join(
                  f"seed {k} from {v['source']}" for k, v in seeds.items()) + ".", "",
