@@ -53,10 +53,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
 
-# LIP's cost vs VGG16-BN (widths 0.25 and 1.0, fp32 and bf16; ~15 min on 2 cores) and bf16 vs
+# LIP's cost vs VGG16-BN and its max-pool twin, with the step broken down (widths 0.25 and 1.0,
+# fp32 and bf16; ~20 min on 2 cores), the CPU kernel pin's cost (bench/kernels.py), and bf16 vs
 # fp32 on this CPU (-> reports/bf16_cpu.json); bench/compile.py times torch.compile separately.
 bench: $(VENV)/.installed
 	$(PY) bench/lip.py
+	$(PY) bench/kernels.py
 	$(PY) bench/bf16_cpu.py
 	$(PY) bench/data.py
 	# onnxruntime vs PyTorch prediction (width 0.25 here; --width 1.0 is the paper's network)
