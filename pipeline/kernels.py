@@ -8,12 +8,12 @@ caps oneDNN (convolutions, pooling). Each is read once, when its library first r
 :func:`pin_cpu_kernels` runs before torch is imported (``pipeline/__init__``), and the values
 travel to Ray workers in the job's environment (``pipeline.cluster.job_env``).
 
-Measured: with these two pinned, an AMD EPYC with AVX-512 and native bf16 trains epoch 1 of
-``train_rafdb`` to the same loss and accuracy as the AVX2-only AMD EPYC that made the figures
-committed before the pin (1.8921 / 0.331; unpinned 1.8925 / 0.330). MKL (``MKL_CBWR``) is left
-alone: pinning it to AVX2 on that machine moved the result off the AVX2 machine's (1.8928),
-since MKL's default path on AMD is not its AVX2 one. An Intel CPU with AVX-512 may need
-``MKL_CBWR`` set by the user (untested here).
+Measured: with these two pinned, an AMD EPYC with AVX-512 and native bf16 ran the whole 60-epoch
+``train_rafdb`` of the code that made the figures committed before the pin (on an AVX2-only AMD
+EPYC) and wrote a byte-identical ``history_rafdb.json`` and ``curves_rafdb.png``; unpinned, its
+first epoch already differed (loss 1.8925 vs 1.8921). MKL (``MKL_CBWR``) is left alone: pinning
+it to AVX2 there moved that first epoch off (1.8928), MKL's default path on AMD not being its
+AVX2 one. Intel CPUs are untested (with AVX-512, MKL may need ``MKL_CBWR`` set by the user).
 
 ``FER_CPU_KERNELS``: ``portable`` (default: AVX2 everywhere) or ``native`` (each machine's best:
 faster on AVX-512/AMX, bench/kernels.py measures by how much, but its bytes are that machine's

@@ -23,8 +23,11 @@ def main() -> None:
     params = load_params()
     opts = section(params, "imagenet_init")
     if opts.get("mode", "map") != "map":
+        from pipeline.model.speed import stage_banner
         from pipeline.train.imagenet import run_imagenet_init
 
+        stage_banner(f"imagenet_init ({opts['mode']})", opts.get("amp", "auto"),
+                     section(params, "ray").get("use_gpu", "auto"))
         run_imagenet_init(out, report, params)
         return
     source = str(opts["source"])

@@ -6,9 +6,9 @@ with AVX-512 and native bf16, where the native kernels (AVX512) give other bytes
 
 What is guaranteed, and so checked strictly: two pinned processes agree, and on a CPU of the
 reference's model the pinned bytes equal the reference. On another CPU model the comparison is
-the open question the README states (one AVX2-only AMD EPYC was matched at epoch 1 of a real
-training stage; oneDNN documents no cross-CPU guarantee, and MKL is left unpinned): the test then
-prints the outcome and does not fail on it.
+the open question the README states (a whole 60-epoch training stage of an AVX2-only AMD EPYC was
+reproduced byte for byte on an AVX-512 one; Intel is untested, oneDNN documents no cross-CPU
+guarantee, and MKL is left unpinned): the test then prints the outcome and does not fail on it.
 """
 from __future__ import annotations
 
