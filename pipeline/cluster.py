@@ -202,12 +202,14 @@ def placement_failure(error: BaseException) -> str | None:
 def concurrency(cluster: dict[str, float], workers: int, cpus_per_worker: float, use_gpu: bool,
                 num_runs: int, cap: int | None = None, *, overhead: float = 0.0) -> int:
     """How many training runs (Tune trials, ablation rows) fit side by side: by GPUs when they
-    use them, else by CPUs (each run's workers plus its ``overhead``, :data:`TRIAL_CPU` for a Tune
-    trial) with one CPU left to Ray; at least 1 (:func:`worker_resources` has checked that one
-    fits), at most ``num_runs``/``cap``."""
+    use them, else by CPUs, one CPU left to Ray for its workers, and the runs' ``overhead``
+    (:data:`TRIAL_CPU` per Tune trial) fitting beside them in the instance; at least 1
+    (:func:`worker_resources` has checked that one fits), at most ``num_runs``/``cap``."""
     cpus = float(cluster.get("CPU", 0))
     free = cpus - 1 if cpus > 1 else cpus
-    n = int(math.floor(free / (workers * cpus_per_worker + overhead) + 1e-9))
+    n = int(math.floor(free / (workers * cpus_per_worker) + 1e-9))
+    while n > 1 and n * (workers * cpus_per_worker + overhead) > cpus + 1e-9:
+        n -= 1
     if use_gpu:
         n = min(n, int(float(cluster.get("GPU", 0)) // workers))
     n = max(1, min(n, num_runs))

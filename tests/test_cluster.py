@@ -49,7 +49,10 @@ def test_a_tune_trials_own_share_is_counted(monkeypatch):
         worker_resources("auto", 1, 2, {"CPU": 2}, overhead=TRIAL_CPU)
     assert worker_resources("auto", 1, 2, {"CPU": 3}, overhead=TRIAL_CPU)["cpus_per_worker"] == 2
     assert concurrency({"CPU": 3}, 1, 2.0, False, num_runs=8, overhead=TRIAL_CPU) == 1
-    assert concurrency({"CPU": 9}, 1, 2.0, False, num_runs=8, overhead=TRIAL_CPU) == 3  # 8 / 2.01
+    assert concurrency({"CPU": 9}, 1, 2.0, False, num_runs=8, overhead=TRIAL_CPU) == 4  # 4 x 2.01 <= 9
+    assert concurrency({"CPU": 2}, 1, 0.5, False, num_runs=8, overhead=TRIAL_CPU) == 2  # 2 x 0.51 <= 2
+    assert concurrency({"CPU": 4}, 1, 1.0, False, num_runs=8, overhead=TRIAL_CPU) == 3  # 3 x 1.01 <= 4
+    assert concurrency({"CPU": 4}, 2, 1.0, False, num_runs=8, overhead=TRIAL_CPU) == 1
 
 
 def test_placement_failure_is_one_line():
