@@ -33,9 +33,11 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_amp(amp: bool | str, device) -> bool:
     """bf16 autocast for `amp` = true/false/"auto". auto: on CUDA only (the paper's configuration);
-    fp32 on every CPU, native bf16 or not: on the CPU default recipe bf16 moved the rare classes
-    by tens of points at one seed (reports/bf16_recipe.md), and it would make a machine with native
-    bf16 write other figures than every other machine. bf16 on a CPU is an explicit `amp: true`."""
+    fp32 on every CPU, native bf16 or not. Over 3 seeds of the default recipe bf16 was within the
+    seed noise of fp32 (reports/bf16_recipe.md), so the rule rests on reproducibility: a machine
+    with native bf16 would write other figures than every other machine, and with the CPU kernels
+    pinned to AVX2 (pipeline.kernels) bf16 has no native kernels anyway. bf16 on a CPU is an
+    explicit `amp: true`."""
     import torch
 
     if amp != "auto":
