@@ -7,7 +7,8 @@ MLflow's own minutes of retries (raise MLFLOW_HTTP_REQUEST_TIMEOUT for a slow se
 uploads).
 
 CPU kernels: pinned to AVX2 here, before torch loads (:mod:`pipeline.kernels`; ``FER_CPU_KERNELS=native``
-turns the pin off), so runs write the same bytes on every x86-64 CPU with AVX2.
+turns the pin off), so that a run writes the same bytes on CPUs with and without AVX-512 (measured
+between two AMD EPYCs; Intel untested).
 
 Console output: ``FER_LOG_LEVEL`` (default ``warning``; ``info`` or ``debug`` for everything)
 is the level of MLflow's and Ray Train's own messages on the console. The pipeline's own lines

@@ -249,8 +249,7 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     import ray
 
     from pipeline import tracking
-    from pipeline.cluster import auto_cpus_per_worker, concurrency, ensure_ray, worker_resources
-    from pipeline.data._util import default_workers
+    from pipeline.cluster import concurrency, ensure_ray, planned_cpus_per_worker, worker_resources
 
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
@@ -261,8 +260,7 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     workers = int(ray_sec.get("num_workers", 1))
     # A local instance gets at least one row's workers, as a training stage's does (rows' Train
     # controllers hold no CPU, so nothing else is counted beside them).
-    started = ensure_ray(workers * (ray_sec.get("cpus_per_worker")
-                                    or auto_cpus_per_worker(default_workers(), workers)))
+    started = ensure_ray(workers * planned_cpus_per_worker(ray_sec.get("cpus_per_worker"), workers))
     failures: dict[tuple[str, int], str] = {}
     try:
         res = worker_resources(ray_sec.get("use_gpu", "auto"), workers, ray_sec.get("cpus_per_worker"))

@@ -120,6 +120,12 @@ def auto_cpus_per_worker(total_cpus: float, num_workers: int) -> float:
     return max(0.25, min(4.0, (total_cpus - 1) / num_workers))
 
 
+def planned_cpus_per_worker(cpus_per_worker: float | None, num_workers: int) -> float:
+    """``ray.cpus_per_worker``, or its automatic value on this machine's cores: what a local
+    instance is sized by before Ray starts (a training stage, a sweep, the ablation)."""
+    return cpus_per_worker or auto_cpus_per_worker(default_workers(), num_workers)
+
+
 #: CPUs a Tune trial's driver function holds for its whole life (Ray rejects 0). Its Ray Train
 #: worker group must fit *beside* it: on a 2-CPU instance a 2-CPU worker next to a 0.01-CPU trial
 #: never fits, and Ray Train then retries the placement every 60 s for ever.
@@ -166,8 +172,7 @@ def worker_resources(use_gpu: bool | str, num_workers: int, cpus_per_worker: flo
         return {"use_gpu": gpu, "cpus_per_worker": cpw}
     if nodes is None:
         nodes = _alive_nodes()
-    fits = [n for n in nodes if float(n.get("CPU", 0)) >= cpw and (not gpu or float(n.get("GPU", 0)) >= 1)]
-    if not fits:
+    if not any(float(n.get("CPU", 0)) >= cpw and (not gpu or float(n.get("GPU", 0)) >= 1) for n in nodes):
         largest = max((float(n.get("CPU", 0)) for n in nodes), default=0.0)
         what = f"{cpw:g} CPUs{' + 1 GPU' if gpu else ''}"
         if not autoscaling():

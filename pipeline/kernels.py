@@ -30,7 +30,8 @@ from pathlib import Path
 PORTABLE = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -47,7 +48,7 @@ def mode() -> str:
 
 def pinnable() -> bool:
     """x86-64 with AVX2: the pin then selects kernels this CPU has."""
-    return platform.machine().lower() in ("x86_64", "amd64") and "avx2" in _cpu_flags()
+    return platform.machine().lower() in ("x86_64", "amd64") and "avx2" in cpu_flags()
 
 
 def pin_cpu_kernels() -> dict[str, str]:

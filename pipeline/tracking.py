@@ -252,21 +252,13 @@ def start_run(experiment: str, run_name: str, *, stage: str, dataset: str,
     return run.info.run_id
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def close_abandoned_runs(experiment_id: str, stage: str, dataset: str, *, by: str) -> list[str]:
     """Runs of this stage and dataset left RUNNING by a process that is gone (killed: it never
     closed them) become KILLED, MLflow's status for it, with a tag saying why. Only runs this
     host started are judged (their ``pid`` tag); a run whose process still lives (a second
     `dvc exp` worker, say) is left alone. Returns the ids closed."""
+    from pipeline.data._util import pid_alive
+
     c = client()
     host = socket.gethostname()
     closed = []
@@ -280,7 +272,7 @@ def close_abandoned_runs(experiment_id: str, stage: str, dataset: str, *, by: st
         if r.info.run_id == by or tags.get("host") != host or not str(tags.get("pid", "")).isdigit():
             continue
         pid = int(tags["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         c.set_tag(r.info.run_id, "killed_reason",
                   f"its process (pid {pid} on {host}) ended without closing the run; closed by run {by}")

@@ -45,9 +45,9 @@ def _cpu_model() -> str:
 def _same_cpu_as_reference() -> bool:
     """The reference's CPU: its model name (a virtual machine may only say "AMD EPYC") and the
     same AVX-512 / native bf16 flags."""
-    from pipeline.kernels import _cpu_flags
+    from pipeline.kernels import cpu_flags
 
-    flags, made = _cpu_flags(), REFERENCE["made_on"]
+    flags, made = cpu_flags(), REFERENCE["made_on"]
     return (_cpu_model() == made["cpu_model"] and ("avx512f" in flags) == made["avx512f"]
             and ("avx512_bf16" in flags) == made["avx512_bf16"])
 

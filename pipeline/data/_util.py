@@ -189,18 +189,27 @@ def output_lock(out: Path, what: str = "the output"):
         os.close(fd)  # releases the lock
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def cleanup_stale(out: Path) -> None:
     """Tidy up after killed runs (whose pid is gone): remove ``.OUT.tmp-<pid>-*`` folders, and
     for ``.OUT.old-<pid>-*`` put the previous OUT back if the run died mid-swap, else remove."""
     for p in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
         try:
             pid = int(p.name.split(".tmp-" if ".tmp-" in p.name else ".old-", 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except (ValueError, IndexError, PermissionError, OSError):
+        except (ValueError, IndexError):
             continue
+        if pid_alive(pid):
+            continue  # still running
         if ".old-" in p.name and (p / "x").exists() and not out.exists():
             os.replace(p / "x", out)
         shutil.rmtree(p, ignore_errors=True)

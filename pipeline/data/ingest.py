@@ -290,22 +290,19 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         for rec, _ in good[s]:
             report["class_counts"][s][names[rec.label]] += 1
 
-    cannot = cannot_train(report, val_source)
-    if cannot:
-        report["failed"] = True
-        _write_json(report_path, report)
-        _finish(report, t0, workers, rsrc, rout, report_path, progress)
-        raise FerError(f"{shown(str(src))}: {cannot}; OUT is unchanged (see {report_path})")
-
+    # refused: the report says why (``failed``), OUT is left as it was
+    refusal = cannot_train(report, val_source)
+    refusal = refusal and f"{shown(str(src))}: {refusal}; OUT is unchanged (see {report_path})"
     over = {s: b for s, b in bad.items() if b["fraction"] > max_bad_fraction}
-    if over:
+    if over and not refusal:
         s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
+        refusal = (f"{b['bad']} of {b['total']} files of split '{s}' are bad "
+                   f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); see {report_path}")
+    if refusal:
         report["failed"] = True
         _write_json(report_path, report)
         _finish(report, t0, workers, rsrc, rout, report_path, progress)
-        raise FerError(f"{b['bad']} of {b['total']} files of split '{s}' are bad "
-                       f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
-                       f"see {report_path}")
+        raise FerError(refusal)
 
     # write parquet into a temp folder next to OUT, then swap it in
     changed: list[dict] = []
@@ -329,8 +326,8 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
 def cannot_train(report: dict, val_source: str) -> str | None:
     """Why a dataset cannot be trained and evaluated, or None: an empty split (the worker would fail
     on it after Ray has started, and be retried; a face dataset needs a test split too), or a class
-    with no training face (it could never
-    be learned, and its test accuracy would read 0% for no fault of the model)."""
+    with no training face (it could never be learned, and its test accuracy would read 0% for no
+    fault of the model)."""
     counts = report["counts"]
     # a generic ImageFolder (ImageNet-style, for pretraining) may have no test split
     needed = ("train", "val") if report["layout"] == "imagefolder" else SPLITS

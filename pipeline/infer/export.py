@@ -42,8 +42,6 @@ def _tencrop_module(predictor):
 def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
     """Write ``predictor``'s model (a :class:`~pipeline.infer.predictor.Predictor`) as an ONNX
     file at ``out`` (written beside it, then renamed). Returns the path."""
-    import os
-    import tempfile
     import warnings
 
     import torch
@@ -57,10 +55,10 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
     module = _tencrop_module(predictor)
     s = predictor.image_size
     dummy = torch.zeros(2, 3, s, s, dtype=torch.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    from pipeline.data._util import replacing_file
+
+    # written beside `out`, renamed in with the user's normal file mode (mkstemp's is 0600)
+    with replacing_file(out) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -68,8 +66,8 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
                                      input_names=["images"], output_names=["probabilities"],
                                      dynamic_shapes=({0: batch},), optimize=True,
                                      verbose=False, external_data=False)
-            prog.save(tmp, external_data=False)
-        m = onnx.load(tmp)
+            prog.save(str(tmp), external_data=False)
+        m = onnx.load(str(tmp))
         meta = {"classes": json.dumps(list(predictor.classes)), "crop": str(predictor.crop),
                 "image_size": str(predictor.image_size),
                 "model_config": json.dumps(predictor.meta.get("model_config", {}), sort_keys=True)}
@@ -78,14 +76,7 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
             p.key, p.value = META_PREFIX + k, v
         m.producer_name = "fer-lipvgg"
         onnx.checker.check_model(m)
-        onnx.save(m, tmp)
-        from pipeline.data._util import umask_mode
-
-        os.chmod(tmp, umask_mode(0o666))  # mkstemp made it 0600: the user's normal file mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        onnx.save(m, str(tmp))
     return out
 
 

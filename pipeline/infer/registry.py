@@ -198,9 +198,9 @@ def training_run_id(train_config: dict, eval_run_id: str) -> str | None:
     change the model's bytes on every run), so it is found by name: the training stage names its
     run ``run_name`` (``<stage>-<hash of config, init and code>``), in the experiment the
     evaluation logs to; the newest FINISHED run of that name, else None."""
-    name = (train_config or {}).get("run_name")
-    if train_config.get("mlflow_run_id"):
+    if train_config.get("mlflow_run_id"):  # checkpoints written before it was dropped
         return train_config["mlflow_run_id"]
+    name = train_config.get("run_name")
     if not name:
         return None
     c = client()

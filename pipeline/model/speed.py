@@ -4,7 +4,6 @@ evaluated with the same kernels on a given machine."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from pipeline.errors import FerError
 
@@ -17,10 +16,9 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get("FER_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
+    from pipeline.kernels import cpu_flags
+
+    flags = cpu_flags()
     if "avx512_bf16" in flags or "amx_bf16" in flags:
         return True
     import torch

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.data._util import check_replaceable, default_workers, replacing, write_marker
+from pipeline.data._util import check_replaceable, replacing, write_marker
 from pipeline import params_schema
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
@@ -81,7 +81,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
 
     from pipeline import LOG_LEVEL
 
-    from pipeline.cluster import auto_cpus_per_worker, autoscaling, ensure_ray, placement_failure, worker_resources
+    from pipeline.cluster import autoscaling, ensure_ray, placement_failure, planned_cpus_per_worker, worker_resources
     from pipeline.tracking import tracking_uri
     from pipeline.train import pg_release
     from pipeline.train.progress import EpochBar
@@ -98,7 +98,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     run_name = cfg.resolved_run_name
     _check_resume(cfg, latest_checkpoint_dir(storage, run_name))
 
-    cpw = cfg.cpus_per_worker or auto_cpus_per_worker(default_workers(), cfg.num_workers)
+    cpw = planned_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
     ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
     res = worker_resources(cfg.use_gpu, cfg.num_workers, cfg.cpus_per_worker)
     loop_config = {

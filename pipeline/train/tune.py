@@ -34,8 +34,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cluster import TRIAL_CPU, auto_cpus_per_worker, concurrency, ensure_ray, job_env, worker_resources
-from pipeline.data._util import default_workers
+from pipeline.cluster import TRIAL_CPU, concurrency, ensure_ray, job_env, planned_cpus_per_worker, worker_resources
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.train import pg_release
@@ -179,8 +178,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
 
     # A local instance gets the CPUs one trial needs: its workers and the trial's own share.
     workers = settings["workers_per_trial"]
-    cpw = ray_sec.get("cpus_per_worker") or auto_cpus_per_worker(default_workers(), workers)
-    started = ensure_ray(workers * cpw + TRIAL_CPU)
+    started = ensure_ray(workers * planned_cpus_per_worker(ray_sec.get("cpus_per_worker"), workers) + TRIAL_CPU)
     t0 = time.perf_counter()
     try:
         cluster = ray.cluster_resources()
