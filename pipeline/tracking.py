@@ -234,9 +234,12 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 
 def start_run(experiment: str, run_name: str, *, stage: str, dataset: str,
-              params: dict | None = None, tags: dict | None = None) -> str:
+              params: dict | None = None, tags: dict | None = None, close_abandoned: bool = True) -> str:
     """Create a run (status RUNNING) in ``experiment``, tagged with the git commit, the DVC stage
-    and the dataset, with ``params`` flattened; returns its id. Close it with :func:`end_run`."""
+    and the dataset, with ``params`` flattened; returns its id. Close it with :func:`end_run`.
+    ``close_abandoned=False`` for runs whose life another owner manages (a sweep's trial runs:
+    Tune restarts an interrupted trial in a new process and reuses its run, so a dead ``pid``
+    there does not mean abandoned, and closing it would race the restart)."""
     from mlflow.entities import Param
 
     c = client()
@@ -245,7 +248,8 @@ def start_run(experiment: str, run_name: str, *, stage: str, dataset: str,
                 "dataset": dataset, "pid": os.getpid(), "host": socket.gethostname(), **(tags or {})}
     experiment_id = get_or_create_experiment(experiment)
     run = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
-    close_abandoned_runs(experiment_id, stage, dataset, by=run.info.run_id)
+    if close_abandoned:
+        close_abandoned_runs(experiment_id, stage, dataset, by=run.info.run_id)
     flat = [Param(k, v) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run.info.run_id, params=flat[i:i + 100])

@@ -193,6 +193,35 @@ def test_a_killed_stages_run_is_marked_killed_by_the_next_one(store):
                 p.wait(timeout=30)
 
 
+def test_a_sweeps_interrupted_trial_run_is_left_to_its_resume(store):
+    """An interrupted sweep leaves its trial runs RUNNING with the pid of a trial process that is
+    gone; Tune restarts the trial in a new process and reuses the run. A second trial starting
+    meanwhile must not mark the first KILLED (that raced the restart and left a resumed trial's
+    run KILLED after it finished), and the resumed trial takes the run over with its own pid."""
+    import os
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.train import sweep_runs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    ctx = {"experiment": "sweep-race", "sweep": "sweep-x", "dataset": "rafdb", "git_commit": "abc",
+           "parent_run_id": T.start_run("sweep-race", "sweep-x", stage="tune", dataset="rafdb")}
+    first = sweep_runs.trial_run(ctx, "t0", {"lr": 0.1}, {"lr": 0.1})
+    c = MlflowClient()
+    c.set_tag(first, "pid", str(dead.pid))  # as if its trial process had been interrupted
+    second = sweep_runs.trial_run(ctx, "t1", {"lr": 0.2}, {"lr": 0.2})
+    assert c.get_run(first).info.status == "RUNNING"
+    assert sweep_runs.trial_run(ctx, "t0", {"lr": 0.1}, {"lr": 0.1}) == first  # the resume
+    run = c.get_run(first)
+    assert run.info.status == "RUNNING" and run.data.tags["pid"] == str(os.getpid())
+    assert run.data.tags[sweep_runs.STARTS_TAG] == "2"
+    for i in (first, second, ctx["parent_run_id"]):
+        T.end_run(i)
+
+
 def test_a_damaged_or_empty_store_is_one_line_and_left_as_it_is(tmp_path, monkeypatch):
     """A store truncated to half its size, or a 0-byte one: every entry point says so in one line
     naming the file (the stages through `client()`, `fer predict` before touching the store),

@@ -3,6 +3,7 @@
 how each trial ended."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 STARTS_TAG = "executions"      # trial MLflow runs: how many times the trial function started
@@ -23,6 +24,7 @@ def parent_run(ctx: dict[str, Any], params: dict[str, Any], resumed: bool) -> st
     runs = find_runs(exp_id, sweep=ctx["sweep"], stage="tune") if resumed else []
     if runs:  # the interrupted sweep's own parent run (the newest with this name)
         run_id = runs[0].info.run_id
+        tracking.client().set_tag(run_id, "pid", str(os.getpid()))
         tracking.client().update_run(run_id, status="RUNNING")
         tracking.client().set_tag(run_id, "resumed", "true")
         return run_id
@@ -42,6 +44,7 @@ def trial_run(ctx: dict[str, Any], trial_id: str, cfg_dict: dict[str, Any], samp
         run = runs[0]
         starts = int(run.data.tags.get(STARTS_TAG, "1")) + 1
         c.set_tag(run.info.run_id, STARTS_TAG, str(starts))
+        c.set_tag(run.info.run_id, "pid", str(os.getpid()))  # the process running it now
         c.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
     return tracking.start_run(
@@ -49,7 +52,8 @@ def trial_run(ctx: dict[str, Any], trial_id: str, cfg_dict: dict[str, Any], samp
         params=cfg_dict,
         tags={"mlflow.parentRunId": ctx["parent_run_id"], "sweep": ctx["sweep"], "trial_id": trial_id,
               STARTS_TAG: "1", "searched": ",".join(sorted(sampled)), "git_commit": ctx["git_commit"],
-              "mlflow.source.git.commit": ctx["git_commit"]})
+              "mlflow.source.git.commit": ctx["git_commit"]},
+        close_abandoned=False)
 
 
 def trial_callback(ctx: dict[str, Any]):
