@@ -164,6 +164,70 @@ def test_resumed_runs_repeat_an_uninterrupted_schedule_exactly(failed_run, resum
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("harm", ["truncated", "deleted"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(harm, tiny, tmp_path, ray_local,
+                                                                         resumed_run, capfd):
+    """The latest checkpoint torn (state.pt cut in half: a kill mid-write, a full disk) or gone
+    (deleted by hand, which Ray refuses with 'delete the existing folder'): the rerun says in one
+    line which epoch it resumes from, keeps the damaged run folder aside, and continues from the
+    newest intact epoch, on the same trajectory as a run that crashed there and was rerun."""
+    import shutil
+
+    from pipeline.train.launch import plan_resume
+
+    run_training(_cfg(tiny, tmp_path, epochs=2, run_name="torn", **CONSTANT_LR))
+    run = tmp_path / "ray" / "torn"
+    state = run / "epoch_0002" / "state.pt"
+    # the resume names what Ray registered, not the newest folder (a failed upload leaves one)
+    shutil.copytree(run / "epoch_0002", run / "epoch_0003")
+    assert plan_resume(str(tmp_path / "ray"), "torn") == (state.parent, None)
+    shutil.rmtree(run / "epoch_0003")
+    if harm == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    else:
+        shutil.rmtree(state.parent)
+    capfd.readouterr()
+    s = run_training(_cfg(tiny, tmp_path, epochs=3, run_name="torn", **CONSTANT_LR))
+    out = capfd.readouterr().out
+    lines = [ln for ln in out.splitlines() if "checkpoint epoch_0002 is damaged" in ln]
+    assert len(lines) == 1 and "resuming from epoch_0001" in lines[0], out[-3000:]
+    assert "Traceback" not in out
+    hist = s["run_history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["session_start_epoch"] for h in hist] == [1, 2, 2]
+    for a, b in zip(hist, resumed_run[1]):
+        assert a["val_accuracy"] == b["val_accuracy"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    aside = tmp_path / "ray" / "torn.damaged-1"
+    assert (aside / "epoch_0001" / "state.pt").is_file()  # kept, not deleted
+    assert (aside / "epoch_0002").exists() == (harm == "truncated")
+
+
+def test_checkpoint_damage_is_told_by_checksum(tmp_path):
+    """Every .pt of a checkpoint folder has a checksum written after it; a torn file, a missing
+    checksum on a file that does not load, or a missing state are damage; a folder written before
+    checksums existed is judged by whether it loads."""
+    from pipeline.model import checkpoint
+
+    d = tmp_path / "epoch_0001"
+    d.mkdir()
+    checkpoint.save_state(d, {"epoch": 1, "w": torch.ones(1000)})
+    checkpoint.save_checked({"torch": torch.get_rng_state()}, d / "rng_rank0.pt")
+    assert checkpoint.damage(d) is None
+    rng = d / "rng_rank0.pt"
+    good = rng.read_bytes()
+    rng.write_bytes(good[:-10])
+    assert "rng_rank0.pt does not match its checksum" in checkpoint.damage(d)
+    rng.write_bytes(good)
+    (d / "state.pt.sha256").unlink()  # an older checkpoint: no checksum, loads
+    assert checkpoint.damage(d) is None
+    (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100])
+    assert "state.pt is unreadable" in checkpoint.damage(d)
+    (d / "state.pt").unlink()
+    assert checkpoint.damage(d) == "state.pt is missing"
+    assert checkpoint.damage(tmp_path / "nowhere") == "its folder is missing"
+
+
 def test_driver_draws_a_progress_bar_within_each_epoch(tiny, tmp_path, ray_local, capfd, monkeypatch):
     # on a terminal this is on by itself; FER_PROGRESS=1 forces it for a captured stream
     monkeypatch.setenv("FER_PROGRESS", "1")

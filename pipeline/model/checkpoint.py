@@ -12,10 +12,13 @@ arbitrary objects would run its code):
   ``init`` (what the ImageNet mapping copied);
 * the **training state** inside each Ray Train checkpoint folder (``state.pt``): model,
   optimiser, scheduler, epoch, best state, history; written by the worker, read to resume and to
-  write the model.
+  write the model. Each ``.pt`` file there has a ``<name>.sha256`` beside it, written after it:
+  a folder torn by a kill, a full disk or a half-finished upload is told from an intact one
+  (:func:`damage`), so a resume can fall back to the newest intact epoch.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -28,6 +31,7 @@ from pipeline.data._util import write_file_atomic
 from pipeline.errors import FerError
 
 STATE_FILE = "state.pt"
+CHECKSUM_SUFFIX = ".sha256"
 #: Keys a model checkpoint must have to be rebuilt.
 MODEL_KEYS = ("state_dict", "model_config", "classes", "image_size", "crop")
 
@@ -174,8 +178,43 @@ def save_init(out, state_dict: dict, model_config: dict, classes, init: dict) ->
 # --------------------------------------------------------------------------- training state
 
 
+def save_checked(obj: dict, path) -> Path:
+    """``path`` and then its checksum: a file without its checksum, or not matching it, was torn."""
+    data = to_bytes(obj)
+    path = write_file_atomic(Path(path), data)
+    write_file_atomic(path.with_name(path.name + CHECKSUM_SUFFIX), hashlib.sha256(data).hexdigest() + "\n")
+    return path
+
+
 def save_state(folder, state: dict) -> None:
-    _atomic_save(state, Path(folder) / STATE_FILE)
+    save_checked(state, Path(folder) / STATE_FILE)
+
+
+def damage(folder) -> str | None:
+    """Why the training-state folder cannot be resumed from (None: intact). Every ``.pt`` file
+    must match its checksum; one without a checksum (written before checksums were) must load."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "its folder is missing"
+    if not (folder / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    for f in sorted(folder.glob("*.pt")):
+        sums = f.with_name(f.name + CHECKSUM_SUFFIX)
+        if sums.is_file():
+            want = sums.read_text().strip()
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != want:
+                return f"{f.name} does not match its checksum (a torn write)"
+        else:
+            try:
+                torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is damage
+                first = (str(e).strip().splitlines() or [""])[0]
+                return f"{f.name} is unreadable ({type(e).__name__}: {first})"
+    return None
 
 
 def read_state(folder) -> dict:

@@ -46,15 +46,69 @@ def check_output(out: Path) -> None:
 
 
 def latest_checkpoint_dir(storage_path: str, run_name: str) -> Path | None:
-    """Newest `epoch_NNNN` checkpoint of a run in local storage (None: none, or remote storage)."""
+    """Newest intact `epoch_NNNN` checkpoint of a run in local storage (None: none, or remote
+    storage)."""
     if _is_uri(storage_path):
         return None
     run = Path(storage_path) / run_name
-    dirs = sorted(p for p in run.glob("epoch_*") if checkpoint.has_state(p))
-    return dirs[-1] if dirs else None
+    dirs = sorted((p for p in run.glob("epoch_*") if checkpoint.has_state(p)), reverse=True)
+    return next((d for d in dirs if checkpoint.damage(d) is None), None)
 
 
-def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None) -> None:
+#: Ray Train 2.60's record of a run's checkpoints (private format; read only for the name of the
+#: checkpoint Ray will resume from: `latest_checkpoint_result.checkpoint_dir_name`).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _ray_latest(run: Path) -> str | None:
+    """The checkpoint Ray hands the workers on a rerun of ``run`` (None: Ray starts afresh).
+    Not the newest folder: after a failed upload (a full disk) the newest folder is one Ray never
+    registered, and the resume line must name what is actually resumed."""
+    try:
+        snap = json.loads((run / RAY_SNAPSHOT).read_text())
+        return (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def plan_resume(storage: str, run_name: str) -> tuple[Path | None, str | None]:
+    """``(checkpoint to resume from, why Ray's own latest cannot be)``. Normally Ray resumes its
+    latest checkpoint itself (the reason is None). When that one is damaged or gone (a torn
+    write, a full disk, a folder deleted by hand) Ray would load it and fail the same way on every
+    rerun, or refuse the run folder outright: then the newest intact epoch before it is returned
+    with the reason, and :func:`set_aside` starts a fresh Ray run seeded from it. Remote storage
+    is left to Ray."""
+    if _is_uri(storage):
+        return None, None
+    run = Path(storage) / run_name
+    latest = _ray_latest(run)
+    if latest is None:
+        return None, None
+    why = checkpoint.damage(run / latest)
+    if why is None:
+        return run / latest, None
+    older = sorted((p for p in run.glob("epoch_*") if p.name < latest and checkpoint.has_state(p)), reverse=True)
+    return next((d for d in older if checkpoint.damage(d) is None), None), f"checkpoint {latest} is damaged ({why})"
+
+
+def set_aside(run_name: str, resumed: Path | None, why: str, run: Path) -> Path | None:
+    """Move the damaged run folder aside (kept, never deleted: it is the user's to inspect) so
+    that Ray starts the run afresh; returns where ``resumed`` now lies, which the workers load
+    themselves (``resume_from``)."""
+    n = 1
+    while (aside := run.with_name(f"{run.name}.damaged-{n}")).exists():
+        n += 1
+    run.rename(aside)
+    if resumed is None:
+        print(f"run {run_name!r}: {why} and no earlier one is intact; starting from epoch 1 "
+              f"(the damaged run folder is kept at {aside})", flush=True)
+        return None
+    print(f"run {run_name!r}: {why}; resuming from {resumed.name}, the newest intact one "
+          f"(the damaged run folder is kept at {aside})", flush=True)
+    return aside / resumed.name
+
+
+def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None, *, quiet: bool = False) -> None:
     if ckpt_dir is None or not (ckpt_dir / CONFIG_FILE).exists():
         return
     old = json.loads((ckpt_dir / CONFIG_FILE).read_text())
@@ -65,8 +119,9 @@ def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None) -> None:
                        f"network ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in arch)}); "
                        f"choose a new run_name or delete {ckpt_dir.parent}")
     changed = [k for k in new if k in old and old[k] != new[k] and k not in ("mlflow_run_id",)]
-    print(f"resuming run {cfg.resolved_run_name!r} from {ckpt_dir.name}"
-          + (f" (changed: {', '.join(changed)})" if changed else ""), flush=True)
+    if not quiet:
+        print(f"resuming run {cfg.resolved_run_name!r} from {ckpt_dir.name}"
+              + (f" (changed: {', '.join(changed)})" if changed else ""), flush=True)
 
 
 def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
@@ -96,7 +151,9 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
             raise FerError(f"init checkpoint {init} does not exist")
     storage = _storage(cfg)
     run_name = cfg.resolved_run_name
-    _check_resume(cfg, latest_checkpoint_dir(storage, run_name))
+    resumed, damaged = plan_resume(storage, run_name)
+    _check_resume(cfg, resumed, quiet=damaged is not None)  # a different network: refused first
+    seed = set_aside(run_name, resumed, damaged, Path(storage) / run_name) if damaged else None
 
     cpw = planned_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
     ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
@@ -104,7 +161,8 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     loop_config = {
         **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.network(),
         "train_config": cfg.to_dict(), "torch_threads": max(1, int(res["cpus_per_worker"])),
-        "mlflow_tracking_uri": tracking_uri(), **(extra_loop_config or {}),
+        "mlflow_tracking_uri": tracking_uri(), "resume_from": str(seed) if seed else None,
+        **(extra_loop_config or {}),
     }
     bar = EpochBar(enabled=None if train_loop is None else False).start()  # the face-set loop's steps
     own_pg_file = None

@@ -171,6 +171,12 @@ def resume(ckpt, cfg: dict, rank: int, raw: nn.Module, optimizer, scheduler) -> 
 
     torch.manual_seed(int(cfg["seed"]) * 1000 + rank)
     random.seed(int(cfg["seed"]) * 1000 + rank)
+    if ckpt is None and cfg.get("resume_from"):
+        # the newest intact epoch of a run whose latest checkpoint was damaged (launch.plan_resume):
+        # Ray starts that run afresh, and its first report is the epoch after this one
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(cfg["resume_from"])
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -218,7 +224,7 @@ def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, cfg: dict, *, line
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+        checkpoint.save_checked(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
         if rank == 0:
             checkpoint.save_state(d, state())
             (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
