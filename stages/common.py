@@ -1,18 +1,15 @@
 """What the two training stages share: params -> TrainConfig, one MLflow run, history for dvc plots."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import pipeline
+from pipeline import code_deps
 from pipeline.config import load_params, section
 from pipeline.data._util import output_lock, write_file_atomic
 from pipeline.model.speed import stage_banner
 from pipeline.train.launch import check_output
 from stages import stage_args
-
-CODE = Path(pipeline.__file__).parent
 
 
 def train_stage(*, stage: str, dataset: str) -> dict:
@@ -28,14 +25,12 @@ def train_stage(*, stage: str, dataset: str) -> dict:
     output = Path(out)
     options = {**section(params, "model"), **section(params, "ray"), **section(params, stage)}
     stage_banner(stage, options.get("amp", "auto"), options.get("use_gpu", "auto"))
-    # The run name hashes the config, the init weights and the training code: an interrupted run
-    # resumes from its last Ray checkpoint; changed params, weights or code start a fresh run.
-    h = hashlib.sha256(json.dumps({**options, "init": init}, sort_keys=True).encode())
-    for f in sorted([Path(init), *CODE.glob("train/*.py"), *CODE.glob("model/*.py"), CODE / "data/loader.py",
-                     CODE / "kernels.py"]):
-        if f.is_file():
-            h.update(f.read_bytes())
-    digest = h.hexdigest()[:10]
+    # The run name hashes the config, the init weights and the code the stage runs (its import
+    # closure, which its dvc.yaml deps also are): an interrupted run resumes from its last Ray
+    # checkpoint; changed params, weights or code start a fresh run.
+    init_bytes = Path(init).read_bytes() if Path(init).is_file() else b""
+    digest = code_deps.digest(f"stages.{stage}", json.dumps({**options, "init": init}, sort_keys=True).encode(),
+                              init_bytes)[:10]
     cfg = TrainConfig.from_dict({**options, "data": data, "init": init,
                                  "output": str(output), "run_name": f"{stage}-{digest}"})
     check_output(output)  # refuse a foreign folder before an MLflow run is opened

@@ -23,7 +23,6 @@ RAF-DB training re-initialises it because the class count differs (``checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import code_deps
 from pipeline.data._util import write_file_atomic
 from pipeline.errors import FerError
 
@@ -186,13 +186,10 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
               [("pretrain", s["epochs"], s["lr"], False)])
     if s["mode"] == "adapt" and s["finetune_epochs"]:
         phases.append(("finetune", s["finetune_epochs"], s["finetune_lr"], False))
-    # the run names hash the settings, the data and the code: a rerun resumes, a change restarts
-    h = hashlib.sha256(json.dumps({**common, **s, "seed": seed, "data": info["fingerprint"]},
-                                  sort_keys=True, default=str).encode())
-    code = Path(__file__).resolve().parents[1]
-    for f in sorted([*code.glob("train/*.py"), *code.glob("model/*.py"), code / "data/imagenet.py"]):
-        h.update(f.read_bytes())
-    digest = h.hexdigest()[:10]
+    # the run names hash the settings, the data and the code the stage runs (its import closure,
+    # which its dvc.yaml deps also are): a rerun resumes, a change restarts
+    digest = code_deps.digest("stages.imagenet_init", json.dumps(
+        {**common, **s, "seed": seed, "data": info["fingerprint"]}, sort_keys=True, default=str).encode())[:10]
     storage = _storage(probe)
     model_config = probe.network()
     experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
