@@ -70,7 +70,7 @@ def forward_flops(model, size: int) -> float:
 
 def throughput(peak_tflops: float | None, batch: int, steps: int) -> None:
     from pipeline.model import lip_vgg16
-    from pipeline.train.worker import train_step
+    from pipeline.train.steps import train_step
 
     x = torch.randn(batch, 3, 90, 90, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,), device="cuda")

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.data.loader import DeviceBatches
 from pipeline.model import lip_vgg16
-from pipeline.train.worker import lr_lambda, make_optimizer, train_step
+from pipeline.train.steps import lr_lambda, make_optimizer, train_step
 
 
 def _sync(device) -> None:

@@ -32,18 +32,6 @@ from pipeline.kernels import pin_cpu_kernels as _pin  # noqa: E402 - before anyt
 _pin()
 
 
-def _quiet_ray_train_report_logger() -> None:
-    """Ray Train 2.x names the logger of its per-report line after its file path, not its
-    module, so ``LoggingConfig`` misses it and every worker prints "Reporting training result
-    ..." each epoch. This module is imported in every Ray worker that runs our code; found
-    without importing Ray."""
-    import importlib.util
-    import logging
+from pipeline.ray_workarounds import quiet_report_logger as _quiet  # noqa: E402
 
-    spec = importlib.util.find_spec("ray")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        path = _os.path.join(base, "train", "v2", "_internal", "execution", "context.py")
-        logging.getLogger(path).setLevel(LOG_LEVEL)
-
-
-_quiet_ray_train_report_logger()
+_quiet(LOG_LEVEL)

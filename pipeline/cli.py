@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_export)
 
     from pipeline.ablation import ablation_command, add_ablation_arguments
-    from pipeline.train.tune import add_tune_arguments, tune_command
+    from pipeline.tune.sweep import add_tune_arguments, tune_command
 
     s = sub.add_parser("tune", help="Ray Tune sweep (ASHA on val accuracy) over params.yaml's "
                                     "tune: space; resumes if interrupted")

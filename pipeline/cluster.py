@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from typing import Any
 
 from pipeline import LOG_LEVEL
@@ -27,7 +26,7 @@ def ensure_ray(num_cpus: float = 0) -> bool:
 
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": job_env(), "worker_process_setup_hook": "pipeline.cluster.one_line_peer_failures"}
+    runtime_env = {"env_vars": job_env(), "worker_process_setup_hook": "pipeline.ray_workarounds.one_line_peer_failures"}
     address = os.environ.get("RAY_ADDRESS", "").strip()
     quiet = {"logging_level": logging.getLevelName(LOG_LEVEL), "log_to_driver": True}
     if address:
@@ -44,48 +43,6 @@ def ensure_ray(num_cpus: float = 0) -> bool:
     print(f"ray: {where}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
           f"its logs: {_logs_dir()}", flush=True)
     return True
-
-
-class _PeerFailureFilter(logging.Filter):
-    """When a node dies, Ray Train logs a traceback in its controller for every dead worker
-    (``ActorDiedError ... its node has died``) and the surviving workers log their collective's
-    ``Connection reset by peer`` traceback, dozens of lines per failure, before it restarts the
-    group from the last checkpoint. Those records become one line each; any other error (a bug in
-    the training code) keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
-            why = [ln.strip() for ln in str(exc).splitlines()
-                   if ln.strip().startswith(("pid:", "ip:", "The actor died because", "the actor's node"))]
-            record.msg = f"{record.getMessage()} [{type(exc).__name__}: {'; '.join(why) or str(exc)[:200]}]"
-        else:
-            text = record.getMessage()
-            if not (text.startswith("Error in training function") and _PEER_GONE.search(text)):
-                return True
-            last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
-            record.msg = f"a peer worker went away during a collective ({last[:200]}); Ray Train restarts the group"
-        record.args, record.exc_info, record.exc_text = (), None, None
-        return True
-
-
-#: What a collective raises in the survivors when a peer process or its node died (gloo, NCCL).
-_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|NCCL communicator was aborted"
-                        r"|remote process exited or there was a network error")
-
-
-def one_line_peer_failures() -> None:
-    """Ray's ``worker_process_setup_hook`` for every process of the job (Train controller and
-    workers included): :class:`_PeerFailureFilter` on the handlers that print Ray's logs."""
-    for name in ("ray", "ray.train", ""):
-        for h in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _PeerFailureFilter) for f in h.filters):
-                h.addFilter(_PeerFailureFilter())
-    for name in ("ray.train.v2._internal.util", "ray.train.v2._internal.callbacks.backend_setup",
-                 "ray.train.v2._internal.execution.controller.controller"):
-        lg = logging.getLogger(name)  # also on the loggers themselves: handlers may be added later
-        if not any(isinstance(f, _PeerFailureFilter) for f in lg.filters):
-            lg.addFilter(_PeerFailureFilter())
 
 
 #: Object-storage settings a worker needs to write checkpoints (``ray.storage_path: s3://...``)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # The allowed values of the network's, optimiser's and sampler's switches (pipeline.model.vgg,
-# pipeline.train.worker, pipeline.train.imbalance read them from here).
+# pipeline.train.steps, pipeline.train.imbalance read them from here).
 POOLS, HEADS, ATTENTIONS = ("lip", "max", "avg"), ("conv", "fc"), ("eca", "none")
 OPTIMIZERS, SCHEDULES, SAMPLERS = ("sgd", "adamw"), ("cosine", "step", "onecycle"), ("shuffle", "balanced")
 MIN_SIZE, MAX_SIZE = 48, 224  # the input sizes LIP-VGG16 accepts (five 2x2 pools)

@@ -57,7 +57,7 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     from pipeline.model.speed import resolve_amp
     from pipeline.train.config import TrainConfig
     from pipeline.train.imbalance import make_batches, make_criterion
-    from pipeline.train.worker import lr_lambda, make_optimizer, train_step
+    from pipeline.train.steps import lr_lambda, make_optimizer, train_step
 
     d = dict(base, seed=seed)
     tc = TrainConfig.from_dict(d)

@@ -14,7 +14,7 @@ from pipeline.model import lip_vgg16
 
 def main() -> None:
     from pipeline.train.imbalance import make_batches
-    from pipeline.train.worker import train_step
+    from pipeline.train.steps import train_step
 
     torch.set_num_threads(1)  # the summation order may depend on the thread count
     torch.manual_seed(0)

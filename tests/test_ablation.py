@@ -155,7 +155,7 @@ def test_ablation_report_matches_mlflow_runs(ablation_repo):
     import ray
     from mlflow import MlflowClient
 
-    from pipeline.train.tune import ensure_ray
+    from pipeline.tune.sweep import ensure_ray
 
     ensure_ray()
     try:

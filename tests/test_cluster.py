@@ -140,9 +140,9 @@ def _record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
 def test_peer_failures_become_one_line_and_other_errors_keep_their_traceback():
     import ray.exceptions
 
-    from pipeline.cluster import _PeerFailureFilter
+    from pipeline.ray_workarounds import PeerFailureFilter
 
-    f, fmt = _PeerFailureFilter(), logging.Formatter()
+    f, fmt = PeerFailureFilter(), logging.Formatter()
     died = ray.exceptions.ActorDiedError()
     rec = _record("Graceful shutdown of backend failed.", died)
     assert f.filter(rec) and rec.exc_info is None

@@ -24,7 +24,7 @@ from pipeline.model import ECA, lip_vgg16
 from pipeline.model.lip import LIPPool2d
 from pipeline.model.speed import maybe_compile, resolve_amp, resolve_channels_last
 from pipeline.train.config import TrainConfig
-from pipeline.train.worker import train_step
+from pipeline.train.steps import train_step
 from test_evaluate import CROP, IMAGE_SIZE, make_assets
 
 BF16_REL, GRAD_COS, PROB_ABS = 6e-2, 0.75, 2e-2

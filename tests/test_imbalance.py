@@ -82,7 +82,7 @@ def test_make_criterion_and_batches():
 
 
 def test_onecycle_schedule():
-    from pipeline.train.worker import lr_lambda
+    from pipeline.train.steps import lr_lambda
 
     f = lr_lambda(10, 10, 1, "onecycle", 10, 0.1)
     vals = [f(i) for i in range(100)]

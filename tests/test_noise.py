@@ -35,7 +35,7 @@ def test_one_seed_has_no_noise_estimate():
 
 
 def test_tune_noise_note_compares_the_margin_with_the_seed_spread():
-    from pipeline.train.sweep_results import noise_note
+    from pipeline.tune.results import noise_note
 
     rows = [{"trial_id": "a", "best_val_accuracy": 0.80, "status": "completed"},
             {"trial_id": "b", "best_val_accuracy": 0.78, "status": "completed"},

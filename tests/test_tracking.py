@@ -203,7 +203,7 @@ def test_a_sweeps_interrupted_trial_run_is_left_to_its_resume(store):
 
     from mlflow import MlflowClient
 
-    from pipeline.train import sweep_runs
+    from pipeline.tune import runs as sweep_runs
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)

@@ -97,7 +97,7 @@ def test_two_worker_ddp_run_learns(dataset, tmp_path, ray_local):
     model = lip_vgg16(**ck["model_config"])
     model.load_state_dict(ck["state_dict"])
     from pipeline.data.loader import load_split
-    from pipeline.train.worker import count_correct
+    from pipeline.train.steps import count_correct
 
     vx, vy = load_split(dataset, "val", size=56)
     correct, n = count_correct(model, vx, vy, 48)

@@ -9,7 +9,7 @@ from pipeline.model import lip_vgg16
 from pipeline.train.config import TrainConfig
 from pipeline.cluster import auto_cpus_per_worker
 from pipeline.model.checkpoint import load_init as load_init_checkpoint
-from pipeline.train.worker import lr_lambda
+from pipeline.train.steps import lr_lambda
 
 
 def test_from_dict_accepts_known_keys_and_defaults():

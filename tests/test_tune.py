@@ -15,8 +15,8 @@ import yaml
 
 from pipeline.errors import FerError
 from pipeline.cluster import ensure_ray
-from pipeline.train import sweep_settings as S
-from pipeline.train import tune as T
+from pipeline.tune import settings as S
+from pipeline.tune import sweep as T
 from tiny_project import NETWORK_AND_RAY, make_project
 
 PARAMS = textwrap.dedent("""\

@@ -1,8 +1,8 @@
-"""Distributed training on Ray Train. `TrainConfig` (config.py) is a run's frozen config;
-worker.py is the per-worker loop and its blocks; launch.py builds the one TorchTrainer (`fit`)
-for a stage, a Tune trial (tune.py, sweep_*.py, pg_release.py) and an ablation row; imagenet.py
-is imagenet_init's streamed loop on the same blocks; imbalance.py the rare-class options;
-progress.py the driver's in-epoch bar.
+"""One training run on Ray Train. `TrainConfig` (config.py) is a run's frozen config; launch.py
+builds the one TorchTrainer (`fit`) for a stage, a Tune trial (pipeline.tune) and an ablation
+row, and resumes or falls back past a damaged checkpoint; worker.py is the face-set loop and
+imagenet.py imagenet_init's streamed loop, both built from steps.py's blocks; imbalance.py the
+rare-class options; progress.py the driver's in-epoch bar.
 
 `run_training` is imported lazily so that `import pipeline.train` does not pull in Ray or torch.
 """

@@ -69,15 +69,15 @@ def _rss_mb() -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------- the worker loop
 def imagenet_loop_per_worker(config: dict) -> None:
-    """The face loop's building blocks (pipeline.train.worker) around streamed batches and a
+    """The face loop's building blocks (pipeline.train.steps) around streamed batches and a
     top-1/top-5 validation; no early stopping, so no best state."""
     import ray.train
     import torch.distributed as dist
 
     from pipeline.data.loader import normalize
-    from pipeline.train.worker import (_all_reduce, _cpu_state, _maybe_fail, _say, _sync_buffers,
-                                       build_model, end_epoch, epoch_logger, resume, setup_worker,
-                                       train_epoch)
+    from pipeline.ray_workarounds import say
+    from pipeline.train.steps import (all_reduce, build_model, cpu_state, end_epoch, epoch_logger, maybe_fail,
+                                      resume, setup_worker, sync_buffers, train_epoch)
 
     cfg = config
     rank, world, device, amp, channels_last = setup_worker(cfg)
@@ -96,7 +96,7 @@ def imagenet_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start, cfg["epochs"] + 1):
-        _maybe_fail(cfg, epoch, rank)
+        maybe_fail(cfg, epoch, rank)
         model.train()
         for m in frozen_bn:
             m.eval()
@@ -108,9 +108,9 @@ def imagenet_loop_per_worker(config: dict) -> None:
                 local_shuffle_buffer_size=cfg["shuffle_buffer"] or None)),
             criterion, optimizer, scheduler, device=device, amp=amp, channels_last=channels_last)
         if done != steps:  # equal splits and drop_last make this exact; say so if not
-            _say(f"warning: rank {rank} ran {done} steps, expected {steps}")
+            say(f"warning: rank {rank} ran {done} steps, expected {steps}")
         train_time = time.perf_counter() - t0
-        _sync_buffers(raw)
+        sync_buffers(raw)
         raw.eval()
         top1 = top5 = n_val = 0
         with torch.no_grad():
@@ -124,10 +124,10 @@ def imagenet_loop_per_worker(config: dict) -> None:
                 top1 += int((top[:, 0] == y).sum())
                 top5 += int((top == y[:, None]).any(1).sum())
                 n_val += len(y)
-        top1, top5, n_val = _all_reduce([top1, top5, n_val], device=device)
+        top1, top5, n_val = all_reduce([top1, top5, n_val], device=device)
         rss_now, rss_peak = _rss_mb()
         rss_growth = max(0.0, rss_peak - rss_before) if epoch == start else rss_now - rss_before
-        peak, growth = _all_reduce([rss_peak, rss_growth], op=dist.ReduceOp.MAX, device=device)
+        peak, growth = all_reduce([rss_peak, rss_growth], op=dist.ReduceOp.MAX, device=device)
         metrics = {
             "epoch": epoch, "train_loss": loss_sum / max(seen_g, 1), "train_accuracy": correct_g / max(seen_g, 1),
             "top1": top1 / max(n_val, 1), "top5": top5 / max(n_val, 1), "n_val": int(n_val),
@@ -141,7 +141,7 @@ def imagenet_loop_per_worker(config: dict) -> None:
             f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
             f"{peak:.0f} MB"),
             state=lambda: {
-                "model": _cpu_state(raw), "optimizer": optimizer.state_dict(),
+                "model": cpu_state(raw), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                 "model_config": dict(cfg["model_config"]),
             })

@@ -22,7 +22,8 @@ from pipeline import params_schema
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
 from pipeline.model import checkpoint
-from pipeline.train.worker import CONFIG_FILE, train_loop_per_worker
+from pipeline.train.steps import CONFIG_FILE
+from pipeline.train.worker import train_loop_per_worker
 
 # Changing these between a run and its resume would load weights into a different network.
 ARCH_KEYS = ("num_classes", *params_schema.ARCH_KEYS)
@@ -138,7 +139,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
 
     from pipeline.cluster import autoscaling, ensure_ray, placement_failure, planned_cpus_per_worker, worker_resources
     from pipeline.tracking import tracking_uri
-    from pipeline.train import pg_release
+    from pipeline import ray_workarounds
     from pipeline.train.progress import EpochBar
 
     data = Path(cfg.data).resolve()
@@ -168,12 +169,12 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     own_pg_file = None
     try:  # the bar's thread and queue actor end with the run, however it ends
         loop_config.update(bar.config())
-        if pg_file is None and pg_release.needed():
+        if pg_file is None and ray_workarounds.needed():
             fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
             os.close(fd)
         if callable(datasets):
             datasets = datasets()
-        trainer = pg_release.trainer_class(pg_file or own_pg_file)(
+        trainer = ray_workarounds.trainer_class(pg_file or own_pg_file)(
             train_loop or train_loop_per_worker,
             **({"datasets": datasets} if datasets is not None else {}),
             train_loop_config=loop_config,
@@ -204,7 +205,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     finally:
         bar.close()
         if own_pg_file:
-            pg_release.release(own_pg_file)
+            ray_workarounds.release(own_pg_file)
             Path(own_pg_file).unlink(missing_ok=True)
 
 

@@ -1,4 +1,22 @@
-"""Workaround: Ray Train V2 placement groups that outlive a stopped Tune trial.
+"""Every workaround for a Ray behaviour, in one place, each naming what it is for.
+
+They were written against Ray 2.60.0 (:data:`CHECKED_WITH_RAY`); tests/test_ray_workarounds.py
+fails when requirements.lock moves Ray, so that each is rechecked (still needed? still works?)
+and this pin moved with it.
+
+1. **Placement groups that outlive a stopped Tune trial** (Ray Train V2, 2.5x-2.60;
+   ray-project/ray#58515, #54305, #53921): ``needed``, ``trainer_class``, ``release``,
+   ``release_all``, ``release_stopped_trials_callback``.
+2. **Ray Train's per-report log line** ("Reporting training result ...", each epoch on every
+   worker): its logger is named after its file path, so ``LoggingConfig`` misses it
+   (``quiet_report_logger``, called when :mod:`pipeline` is imported, in every process).
+3. **Tracebacks for an expected node loss**: dozens of lines per dead worker and per surviving
+   peer before Ray restarts the group (``PeerFailureFilter``, installed in every process of the
+   job by Ray's ``worker_process_setup_hook`` = ``one_line_peer_failures``).
+4. **Lines printed twice in a worker**: Ray Train V2 patches ``print`` to tee into its logger
+   (``say`` writes to stdout directly).
+
+The placement-group workaround in detail:
 
 Ray Train V2 (Ray 2.5x-2.60) removes a run's worker-group placement group through a detached
 ``PlacementGroupCleaner`` actor (ray-project/ray#58515, for the leak of ray-project/ray#54305 and
@@ -15,8 +33,90 @@ that callback class, or on a cluster whose State API answers (Ray's own cleaner 
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
 import time
 from pathlib import Path
+
+CHECKED_WITH_RAY = "2.60.0"
+
+
+# --------------------------------------------------------------------------- 2. the report line
+
+
+def quiet_report_logger(level: str) -> None:
+    """Ray Train 2.x names the logger of its per-report line after its file path, not its
+    module, so ``LoggingConfig`` misses it and every worker prints "Reporting training result
+    ..." each epoch. Called when :mod:`pipeline` is imported, which every Ray worker that runs
+    our code does; the file is found without importing Ray."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(base, "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(path).setLevel(level)
+
+
+
+# --------------------------------------------------------------------------- 3. node-loss tracebacks
+
+
+class PeerFailureFilter(logging.Filter):
+    """When a node dies, Ray Train logs a traceback in its controller for every dead worker
+    (``ActorDiedError ... its node has died``) and the surviving workers log their collective's
+    ``Connection reset by peer`` traceback, dozens of lines per failure, before it restarts the
+    group from the last checkpoint. Those records become one line each; any other error (a bug in
+    the training code) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
+            why = [ln.strip() for ln in str(exc).splitlines()
+                   if ln.strip().startswith(("pid:", "ip:", "The actor died because", "the actor's node"))]
+            record.msg = f"{record.getMessage()} [{type(exc).__name__}: {'; '.join(why) or str(exc)[:200]}]"
+        else:
+            text = record.getMessage()
+            if not (text.startswith("Error in training function") and PEER_GONE.search(text)):
+                return True
+            last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+            record.msg = f"a peer worker went away during a collective ({last[:200]}); Ray Train restarts the group"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+#: What a collective raises in the survivors when a peer process or its node died (gloo, NCCL).
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer|NCCL communicator was aborted"
+                        r"|remote process exited or there was a network error")
+
+
+def one_line_peer_failures() -> None:
+    """Ray's ``worker_process_setup_hook`` for every process of the job (Train controller and
+    workers included): :class:`PeerFailureFilter` on the handlers that print Ray's logs."""
+    for name in ("ray", "ray.train", ""):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, PeerFailureFilter) for f in h.filters):
+                h.addFilter(PeerFailureFilter())
+    for name in ("ray.train.v2._internal.util", "ray.train.v2._internal.callbacks.backend_setup",
+                 "ray.train.v2._internal.execution.controller.controller"):
+        lg = logging.getLogger(name)  # also on the loggers themselves: handlers may be added later
+        if not any(isinstance(f, PeerFailureFilter) for f in lg.filters):
+            lg.addFilter(PeerFailureFilter())
+
+
+# --------------------------------------------------------------------------- 4. lines twice
+
+
+def say(msg: str) -> None:
+    """Print once from a Ray Train worker (``print`` there shows every line twice)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- 1. placement groups
+
+
 
 PG_FILE = "placement_groups.txt"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FerError
-from pipeline.train.sweep_runs import find_runs
+from pipeline.tune.runs import find_runs
 from pipeline.params_schema import is_number
-from pipeline.train.sweep_settings import DATASETS, MODEL_KEYS
+from pipeline.tune.settings import DATASETS, MODEL_KEYS
 
 METRIC, MODE = "val_accuracy", "max"
 SIG_DIGITS = 4                 # best values are rounded to this many significant digits

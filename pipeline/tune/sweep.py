@@ -18,9 +18,9 @@ Concurrency comes from the cluster's resources (GPUs per trial, else CPUs per tr
 left to Ray), capped by ``tune.max_concurrent`` when set. Every trial is an MLflow run under a
 parent sweep run (tag ``mlflow.parentRunId``, plus ``sweep`` and ``trial_id`` tags).
 
-The ``tune:`` section is read and checked by :mod:`pipeline.train.sweep_settings`; the sweep's
-MLflow runs are kept by :mod:`pipeline.train.sweep_runs`; its table, best trial and noise note
-are :mod:`pipeline.train.sweep_results`.
+The ``tune:`` section is read and checked by :mod:`pipeline.tune.settings`; the sweep's
+MLflow runs are kept by :mod:`pipeline.tune.runs`; its table, best trial and noise note
+are :mod:`pipeline.tune.results`.
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ import yaml
 from pipeline.cluster import TRIAL_CPU, concurrency, ensure_ray, job_env, planned_cpus_per_worker, worker_resources
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
-from pipeline.train import pg_release
-from pipeline.train.sweep_results import (METRIC, MODE, ablation_seed_std, round_sig, format_table, noise_note,
+from pipeline import ray_workarounds
+from pipeline.tune.results import (METRIC, MODE, ablation_seed_std, round_sig, format_table, noise_note,
                                           pick_best, targets, trial_rows)
-from pipeline.train.sweep_runs import parent_run, trial_run, trial_callback
-from pipeline.train.sweep_settings import apply_best, base_options, resolve_path, sweep_name, tune_settings
+from pipeline.tune.runs import parent_run, trial_run, trial_callback
+from pipeline.tune.settings import apply_best, base_options, resolve_path, sweep_name, tune_settings
 
 
 def build_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = cfg.model_copy(update={"mlflow_run_id": trial_run(ctx, trial_id, cfg.to_dict(), config)})
     trial_dir = Path(ctx["trials_dir"]) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
-    pg_file = str(trial_dir / pg_release.PG_FILE) if ctx["pg_workaround"] else None
+    pg_file = str(trial_dir / ray_workarounds.PG_FILE) if ctx["pg_workaround"] else None
     result = fit(cfg, callbacks=[TuneReportCallback()], pg_file=pg_file)
     # Only trials that end on their own get here: early stopping by `patience`, or a restarted
     # trial whose Train run had already finished its epochs (nothing new is reported then). ASHA
@@ -194,11 +194,11 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
             "base": base, "data": str(data), "init": init_spec, "train_storage": str(trials_dir / "ray"),
             "trials_dir": str(trials_dir), "max_epochs": settings["max_epochs"],
             "use_gpu": res["use_gpu"], "cpus_per_worker": res["cpus_per_worker"],
-            "pg_workaround": pg_release.needed(),
+            "pg_workaround": ray_workarounds.needed(),
             "git_commit": tracking.git_commit(root),
             "env": job_env(),
         }
-        release = [pg_release.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
+        release = [ray_workarounds.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
         restoring = resume and tune.Tuner.can_restore(experiment_path)
         ctx["parent_run_id"] = parent_run(ctx, params, restoring)
         trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"CPU": TRIAL_CPU})
@@ -231,7 +231,7 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
             grid = tuner.fit()
         finally:
             if ctx["pg_workaround"]:
-                pg_release.release_all(ctx["trials_dir"])
+                ray_workarounds.release_all(ctx["trials_dir"])
         wall = time.perf_counter() - t0
         if grid.num_terminated + grid.num_errors < n_trials:
             tracking.client().set_terminated(ctx["parent_run_id"], status="KILLED")
