@@ -44,7 +44,7 @@ def _jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def in_process(blobs: list[bytes], crop: int, batch: int = 64) -> dict:
-    from pipeline.data._decode import decode
+    from pipeline.data.decode import decode
     from pipeline.data.imagenet import transform_batch
 
     t, c = time.perf_counter(), time.process_time()
@@ -67,7 +67,7 @@ def ray_data(blobs: list[bytes], crop: int, cpus: int) -> dict:
     import ray
 
     from pipeline.data.imagenet import ShardWriter, streaming_datasets
-    from pipeline.data._util import write_marker
+    from pipeline.outputs import write_marker
     from pipeline.data.ingest import parquet_schema
 
     with tempfile.TemporaryDirectory() as d:

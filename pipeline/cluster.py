@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from pipeline import LOG_LEVEL
-from pipeline.data._util import default_workers
+from pipeline.workers import default_workers
 from pipeline.errors import FerError
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.data._util import replacing_file, write_file_atomic
+from pipeline.outputs import replacing_file, write_file_atomic
 from pipeline.errors import FerError
 from pipeline.model import checkpoint
 

@@ -261,7 +261,7 @@ def close_abandoned_runs(experiment_id: str, stage: str, dataset: str, *, by: st
     closed them) become KILLED, MLflow's status for it, with a tag saying why. Only runs this
     host started are judged (their ``pid`` tag); a run whose process still lives (a second
     `dvc exp` worker, say) is left alone. Returns the ids closed."""
-    from pipeline.data._util import pid_alive
+    from pipeline.outputs import pid_alive
 
     c = client()
     host = socket.gethostname()

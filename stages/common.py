@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline import code_deps
 from pipeline.config import load_params, section
-from pipeline.data._util import output_lock, write_file_atomic
+from pipeline.outputs import output_lock, write_file_atomic
 from pipeline.model.speed import stage_banner
 from pipeline.train.launch import check_output
 from stages import stage_args

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import load_params, section
-from pipeline.data._util import write_file_atomic
+from pipeline.outputs import write_file_atomic
 from pipeline.data.classes import CLASSES
 from pipeline.model import LIPVGG16
 from pipeline.model.checkpoint import write_imagenet_init

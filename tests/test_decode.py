@@ -1,4 +1,4 @@
-"""The one decoder (pipeline.data._decode.decode) behind ingest's validation, the loader, `fer
+"""The one decoder (pipeline.data.decode.decode) behind ingest's validation, the loader, `fer
 predict` and the MLflow model: 16-bit and float images, EXIF orientation, the pixel cap, and
 ordinary 8-bit RGB unchanged. Every image is built here."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from pipeline import evaluate as E
-from pipeline.data._decode import DecodeError, decode, decode_chunk
-from pipeline.data._validate import check_bytes, configured
+from pipeline.data.decode import DecodeError, decode, decode_chunk
+from pipeline.data.validate import check_bytes, configured
 from pipeline.data.classes import CLASSES
 from pipeline.data.ingest import SCHEMA
 from pipeline.data.loader import load_split

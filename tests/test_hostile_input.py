@@ -25,7 +25,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.data._util import output_lock
+from pipeline.outputs import output_lock
 from pipeline.data.synthetic import render, write_synthetic
 
 from test_evaluate import make_assets

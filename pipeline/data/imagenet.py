@@ -5,7 +5,7 @@ read and validated in a process pool a bounded window of chunks ahead of the wri
 validated image goes straight into the current shard (``<split>/part-NNNNN.parquet``), closed and
 a new one opened every ``shard_mb`` megabytes. Peak memory is the window (a few chunks of
 images) plus the file list, whatever the dataset's size. Validation is the face sets' own
-(:func:`pipeline.data._validate.check_bytes`, i.e. the one :func:`~pipeline.data._decode.decode`
+(:func:`pipeline.data.validate.check_bytes`, i.e. the one :func:`~pipeline.data.decode.decode`
 with its pixel cap), and the report has the face ingest's keys (counts, bad fractions, rejected
 files), plus the shard list. Duplicate checks are left out (they would need every hash in memory).
 
@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import _validate
-from pipeline.data._util import (Progress, check_replaceable, default_workers, output_lock,
-                                 process_pool, replacing, write_marker)
-from pipeline.data.ingest import _write_json, parquet_schema
-from pipeline.data.layouts import (Record, Rejected, Scan, _child_dirs, _rel, _walk_files,
+from pipeline.data import validate
+from pipeline.outputs import check_replaceable, output_lock, replacing, write_marker
+from pipeline.workers import Progress, default_workers, process_pool
+from pipeline.data.ingest import write_json, parquet_schema
+from pipeline.data.layouts import (Record, Rejected, Scan, child_dirs, rel_path, walk_files,
                                    read_imagefolder, shown)
 from pipeline.errors import FerError
 
@@ -70,7 +70,7 @@ def read_imagenet(root: str | os.PathLike) -> Scan:
         raise FerError(f"ImageNet folder not found: {root}")
     base = _ilsvrc_base(root)
     val = base / "val"
-    flat_val = val.is_dir() and not _child_dirs(val) and (base / "train").is_dir()
+    flat_val = val.is_dir() and not child_dirs(val) and (base / "train").is_dir()
     if not flat_val:
         if base != root:
             raise FerError(f"{root}: ILSVRC/Data/CLS-LOC has no flat val/ folder")
@@ -79,17 +79,17 @@ def read_imagenet(root: str | os.PathLike) -> Scan:
         return scan
     # train/<wnid>/ as an ImageFolder whose val split is read from the CSV
     real_root = os.path.realpath(root)
-    wnids = sorted(_child_dirs(base / "train"))
+    wnids = sorted(child_dirs(base / "train"))
     if not wnids:
         raise FerError(f"{base / 'train'} has no class folders")
     index = {w: i for i, w in enumerate(wnids)}
     scan = Scan("ilsvrc2012", root, class_names=tuple(wnids), default_dataset="imagenet")
-    for p in _walk_files(root, base / "train", real_root, "train", scan.rejected, warnings=scan.warnings):
+    for p in walk_files(root, base / "train", real_root, "train", scan.rejected, warnings=scan.warnings):
         parts = p.relative_to(base / "train").parts
         if len(parts) < 2:
-            scan.rejected.append(Rejected(_rel(root, p), "not inside a class folder", "train"))
+            scan.rejected.append(Rejected(rel_path(root, p), "not inside a class folder", "train"))
             continue
-        scan.records.append(Record(_rel(root, p), index[parts[0]], "train"))
+        scan.records.append(Record(rel_path(root, p), index[parts[0]], "train"))
     csv_path = _find_csv(root, base)
     if csv_path is None:
         raise FerError(f"{root}: val/ is flat but {VAL_CSV} (ImageId,PredictionString) was not found "
@@ -100,15 +100,15 @@ def read_imagenet(root: str | os.PathLike) -> Scan:
             for lineno, row in enumerate(csv.DictReader(fh), 2):
                 pred = (row.get("PredictionString") or "").split()
                 if not row.get("ImageId") or not pred:
-                    scan.rejected.append(Rejected(f"{_rel(root, csv_path)}:{lineno}", "malformed line", "val"))
+                    scan.rejected.append(Rejected(f"{rel_path(root, csv_path)}:{lineno}", "malformed line", "val"))
                     continue
                 labels[row["ImageId"]] = pred[0]
     except (OSError, csv.Error) as e:
         raise FerError(f"cannot read {csv_path}: {e}") from e
     if not labels:
         raise FerError(f"{csv_path} has no ImageId,PredictionString rows")
-    for p in _walk_files(root, val, real_root, "val", scan.rejected):
-        src = _rel(root, p)
+    for p in walk_files(root, val, real_root, "val", scan.rejected):
+        src = rel_path(root, p)
         wnid = labels.get(p.stem)
         if wnid is None:
             scan.rejected.append(Rejected(src, f"not listed in {VAL_CSV}", "val"))
@@ -149,7 +149,7 @@ def _read_check(args) -> list[tuple[dict, bytes | None]]:
         except OSError as e:
             out.append(({"ok": False, "reason": f"unreadable: {e.strerror or e}"}, None))
             continue
-        res = _validate.check_bytes(data, max_pixels)
+        res = validate.check_bytes(data, max_pixels)
         out.append((res, data if res["ok"] else None))
     return out
 
@@ -158,11 +158,11 @@ def _bounded_map(fn, tasks: list, workers: int, max_pixels: int):
     """``map(fn, tasks)`` in order, at most ``2 * workers`` tasks in flight: the results of a
     pool that runs ahead of the writer would otherwise pile up in memory."""
     if workers <= 1 or len(tasks) < 2:
-        with _validate.configured(max_pixels):
+        with validate.configured(max_pixels):
             for t in tasks:
                 yield fn(t)
         return
-    with process_pool(workers, _validate.configure, (max_pixels,)) as ex:
+    with process_pool(workers, validate.configure, (max_pixels,)) as ex:
         pending: deque = deque()
         it = iter(tasks)
         for t in it:
@@ -229,7 +229,7 @@ class ShardWriter:
 def ingest_imagenet(src, out, *, report_path=None, shard_mb: float = 256.0,
                     limit_per_class: int | None = None, max_classes: int | None = None,
                     seed: int = 0, max_bad_fraction: float = 0.05, workers: int | None = None,
-                    progress: bool = True, max_pixels: int = _validate.MAX_PIXELS) -> dict:
+                    progress: bool = True, max_pixels: int = validate.MAX_PIXELS) -> dict:
     """Ingest an ImageNet-layout folder into sharded parquet at ``out``; returns the report.
 
     ``out`` is replaced only when it is missing, empty or an earlier ingest's output, and only
@@ -286,7 +286,7 @@ def ingest_imagenet(src, out, *, report_path=None, shard_mb: float = 256.0,
         except OSError as e:
             raise FerError(f"cannot write the ImageNet parquet at {out}: {e}") from e
         report["converted"] = dict(sorted(report["converted"].items()))
-        _write_json(report_path, report)
+        write_json(report_path, report)
     seconds = time.perf_counter() - t0
     report["run"] = {"seconds": round(seconds, 3), "images_per_s": round(report["scanned"] / max(seconds, 1e-9), 1),
                      "workers": workers, "report_path": str(report_path)}
@@ -318,7 +318,7 @@ def _write_split(split: str, records: list[Record], src: Path, tmp: Path, names,
                     if bad > allowed:
                         report["bad"][split] = {"bad": bad, "total": total, "fraction": round(bad / total, 6)}
                         report["failed"] = True
-                        _write_json(report_path, report)
+                        write_json(report_path, report)
                         raise FerError(f"more than {report['max_bad_fraction']:.1%} of the {total} files of "
                                        f"split '{split}' are bad ({bad} so far); see {report_path}")
                     continue
@@ -466,10 +466,10 @@ def transform_batch(batch: dict, *, crop: int, train: bool, min_scale: float = 0
     Training: random-resized crop and a random mirror (fresh randomness every call, so every
     epoch differs). Evaluation: the centre ``center_fraction`` of the short side (ImageNet's
     resize-256/crop-224). One PIL resize from the crop box does both steps. Decoding is the
-    pipeline's one :func:`~pipeline.data._decode.decode` (pixel cap, EXIF, 8-bit RGB)."""
+    pipeline's one :func:`~pipeline.data.decode.decode` (pixel cap, EXIF, 8-bit RGB)."""
     from PIL import Image
 
-    from pipeline.data._decode import decode
+    from pipeline.data.decode import decode
 
     rng = np.random.default_rng()
     blobs = batch["image"]

@@ -26,10 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import _validate
-from pipeline.data._util import (Progress, check_replaceable, default_workers, output_lock, write_file_atomic,
-                                 process_pool, replacing,
-                                 write_marker)
+from pipeline.data import validate
+from pipeline.outputs import check_replaceable, output_lock, write_file_atomic, replacing, write_marker
+from pipeline.workers import Progress, default_workers, process_pool
 from pipeline.data.layouts import Record, Scan, read_layout, shown
 from pipeline.errors import FerError
 
@@ -65,14 +64,14 @@ def _validate_all(paths: list[str], workers: int, progress: bool, max_pixels: in
     results: list[dict] = []
     try:
         if workers > 1 and len(paths) >= 4 * _CHUNK:
-            with process_pool(workers, _validate.configure, (max_pixels,)) as ex:
-                for res in ex.map(_validate.check_files, chunks, [max_pixels] * len(chunks)):
+            with process_pool(workers, validate.configure, (max_pixels,)) as ex:
+                for res in ex.map(validate.check_files, chunks, [max_pixels] * len(chunks)):
                     results += res
                     bar.update(len(res))
         else:
-            with _validate.configured(max_pixels):  # PIL globals restored afterwards
+            with validate.configured(max_pixels):  # PIL globals restored afterwards
                 for c in chunks:
-                    res = _validate.check_files(c, max_pixels)
+                    res = validate.check_files(c, max_pixels)
                     results += res
                     bar.update(len(res))
     finally:
@@ -167,7 +166,7 @@ def _write_all(out: Path, good, src: Path, names, schema, progress: bool, change
         write_marker(tmp, "fer ingest")  # pyarrow.dataset skips dot-files: not read as data
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     try:
         write_file_atomic(path, json.dumps(obj, indent=1) + "\n")
     except OSError as e:
@@ -179,7 +178,7 @@ def _write_json(path: Path, obj) -> None:
 
 def ingest(src, out, *, report_path=None, dataset: str | None = None, val_fraction: float = 0.1,
            seed: int = 0, max_bad_fraction: float = 0.05, workers: int | None = None,
-           progress: bool = True, max_pixels: int = _validate.MAX_PIXELS) -> dict:
+           progress: bool = True, max_pixels: int = validate.MAX_PIXELS) -> dict:
     """Ingest the dataset at ``src`` into a parquet dataset at ``out``; returns the report.
 
     The report file holds only what follows from the dataset and the parameters (``src`` and
@@ -299,7 +298,7 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
                    f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); see {report_path}")
     if refusal:
         report["failed"] = True
-        _write_json(report_path, report)
+        write_json(report_path, report)
         _finish(report, t0, workers, rsrc, rout, report_path, progress)
         raise FerError(refusal)
 
@@ -318,7 +317,7 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
             for rec, _ in good[s]:
                 if (s, shown(rec.source)) in gone:
                     report["class_counts"][s][names[rec.label]] -= 1
-    _write_json(report_path, report)
+    write_json(report_path, report)
     return _finish(report, t0, workers, rsrc, rout, report_path, progress)
 
 

@@ -75,7 +75,7 @@ class Scan:
 # --------------------------------------------------------------------------- helpers
 
 
-def _rel(root: Path, p: Path) -> str:
+def rel_path(root: Path, p: Path) -> str:
     return os.path.relpath(p, root).replace(os.sep, "/")
 
 
@@ -95,14 +95,14 @@ def _skip(name: str) -> bool:
     return name.startswith(".") or name.lower() in _SKIP_FILES
 
 
-def _child_dirs(d: Path) -> dict[str, Path]:
+def child_dirs(d: Path) -> dict[str, Path]:
     try:
         return {c.name: c for c in d.iterdir() if c.is_dir() and not _skip(c.name)}
     except OSError:
         return {}
 
 
-def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
+def walk_files(root: Path, top: Path, real_root: str, split: str | None,
                 rejected: list[Rejected], _seen: set[str] | None = None,
                 warnings: list[Rejected] | None = None):
     """Yield files under ``top`` (sorted, dotfiles skipped).
@@ -118,14 +118,14 @@ def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
     _seen.add(real_top)
 
     def unreadable(e: OSError) -> None:
-        where = _rel(root, Path(e.filename)) if e.filename else _rel(root, top)
+        where = rel_path(root, Path(e.filename)) if e.filename else rel_path(root, top)
         rejected.append(Rejected(where, f"unreadable folder: {e.strerror or e}", split))
 
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False, onerror=unreadable):
         dirnames.sort()
         d = Path(dirpath)
         if warnings is not None and not dirnames and not [f for f in filenames if not _skip(f)]:
-            warnings.append(Rejected(_rel(root, d), "empty folder", split))
+            warnings.append(Rejected(rel_path(root, d), "empty folder", split))
         keep = []
         for dn in dirnames:
             if _skip(dn):
@@ -133,10 +133,10 @@ def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
             p = d / dn
             if p.is_symlink():
                 if not _inside(real_root, p):
-                    rejected.append(Rejected(_rel(root, p), "symlink escapes the dataset root", split))
+                    rejected.append(Rejected(rel_path(root, p), "symlink escapes the dataset root", split))
                     continue
                 # a symlinked folder inside the root: walk it (os.walk would not)
-                yield from _walk_files(root, p, real_root, split, rejected, _seen, warnings)
+                yield from walk_files(root, p, real_root, split, rejected, _seen, warnings)
                 continue
             keep.append(dn)
         dirnames[:] = keep
@@ -145,14 +145,14 @@ def _walk_files(root: Path, top: Path, real_root: str, split: str | None,
                 continue
             p = d / fn
             if p.is_symlink() and not _inside(real_root, p):
-                rejected.append(Rejected(_rel(root, p), "symlink escapes the dataset root", split))
+                rejected.append(Rejected(rel_path(root, p), "symlink escapes the dataset root", split))
                 continue
             yield p
 
 
 def _find_ci(d: Path, name: str) -> Path | None:
     """Child folder of ``d`` called ``name`` in any letter case."""
-    for n, p in _child_dirs(d).items():
+    for n, p in child_dirs(d).items():
         if n.lower() == name.lower():
             return p
     return None
@@ -175,10 +175,10 @@ def _repackaged_base(root: Path) -> Path | None:
     for base in (root / "DATASET", root):
         if not base.is_dir():
             continue
-        splits = [p for n, p in _child_dirs(base).items() if n.lower() in ("train", "test")]
+        splits = [p for n, p in child_dirs(base).items() if n.lower() in ("train", "test")]
         if not splits:
             continue
-        classes = [n for s in splits for n in _child_dirs(s)]
+        classes = [n for s in splits for n in child_dirs(s)]
         if classes and all(n.isdigit() for n in classes):
             return base
         if base.name == "DATASET" and classes:
@@ -188,7 +188,7 @@ def _repackaged_base(root: Path) -> Path | None:
 
 def _sfew_splits(root: Path) -> dict[str, Path]:
     out = {}
-    for n, p in _child_dirs(root).items():
+    for n, p in child_dirs(root).items():
         if n.lower() == "train":
             out["train"] = p
         elif n.lower() == "val":
@@ -225,9 +225,9 @@ def _is_sfew(root: Path) -> bool:
 
 def _imagefolder_splits(root: Path) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
-    for n, p in sorted(_child_dirs(root).items()):
+    for n, p in sorted(child_dirs(root).items()):
         s = _IMAGEFOLDER_SPLITS.get(n.lower())
-        if s is not None and _child_dirs(p):
+        if s is not None and child_dirs(p):
             out.setdefault(s, []).append(p)
     return out
 
@@ -276,7 +276,7 @@ def read_rafdb_basic(root: str | os.PathLike) -> Scan:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        where = f"{_rel(root, label_file)}:{lineno}"
+        where = f"{rel_path(root, label_file)}:{lineno}"
         if len(parts) != 2:
             scan.rejected.append(Rejected(where, f"{where}: malformed label line {line!r}"))
             continue
@@ -285,7 +285,7 @@ def read_rafdb_basic(root: str | os.PathLike) -> Scan:
         split = "train" if base_name.startswith("train_") else "test" if base_name.startswith("test_") else None
         stem, ext = os.path.splitext(name)
         img = img_dir / (f"{stem}_aligned{ext}" if aligned else name)
-        src = _rel(root, img)
+        src = rel_path(root, img)
         if split is None:
             scan.rejected.append(Rejected(src, f"{where}: name {name!r} has neither a train_ nor a test_ prefix"))
             continue
@@ -318,13 +318,13 @@ def read_rafdb_repackaged(root: str | os.PathLike) -> Scan:
         raise FerError(f"{root}: no DATASET/{{train,test}}/{{1..7}}/ folders")
     real_root = os.path.realpath(root)
     scan = Scan("rafdb_repackaged", root, default_dataset="rafdb")
-    for sname, sdir in sorted(_child_dirs(base).items()):
+    for sname, sdir in sorted(child_dirs(base).items()):
         split = sname.lower()
         if split not in ("train", "test"):
             continue
-        for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
+        for p in walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
             rel_parts = p.relative_to(sdir).parts
-            src = _rel(root, p)
+            src = rel_path(root, p)
             if len(rel_parts) < 2:
                 scan.rejected.append(Rejected(src, "not inside a label folder 1..7", split))
                 continue
@@ -351,8 +351,8 @@ def read_sfew(root: str | os.PathLike) -> Scan:
         sdir = splits.get(split)
         if sdir is None:
             continue
-        for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
-            src = _rel(root, p)
+        for p in walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
+            src = rel_path(root, p)
             parents = p.relative_to(sdir).parts[:-1]
             label = None
             for folder in reversed(parents):  # nearest emotion folder wins
@@ -374,7 +374,7 @@ def read_imagefolder(root: str | os.PathLike) -> Scan:
     splits = _imagefolder_splits(root)
     if not splits:
         raise FerError(f"{root}: no <train|val|test>/<class>/ folders")
-    class_dirs = sorted({n for dirs in splits.values() for d in dirs for n in _child_dirs(d)})
+    class_dirs = sorted({n for dirs in splits.values() for d in dirs for n in child_dirs(d)})
     fer = [sfew_index(n) for n in class_dirs]
     if all(i is not None for i in fer) and len(set(fer)) == len(fer):
         index = dict(zip(class_dirs, fer))
@@ -385,9 +385,9 @@ def read_imagefolder(root: str | os.PathLike) -> Scan:
     scan = Scan("imagefolder", root, class_names=names, default_dataset=root.resolve().name)
     for split, dirs in splits.items():
         for sdir in dirs:
-            for p in _walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
+            for p in walk_files(root, sdir, real_root, split, scan.rejected, warnings=scan.warnings):
                 rel_parts = p.relative_to(sdir).parts
-                src = _rel(root, p)
+                src = rel_path(root, p)
                 if len(rel_parts) < 2:
                     scan.rejected.append(Rejected(src, "not inside a class folder", split))
                     continue

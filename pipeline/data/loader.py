@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data._decode import decode_chunk
+from pipeline.data.decode import decode_chunk
 from pipeline.errors import FerError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,7 +82,7 @@ def load_split(parquet_dir: str | os.PathLike, split: str, *, size: int | None =
     blobs = table.column("image").to_pylist()
     del table
     chunks = [(blobs[i:i + _DECODE_CHUNK], size) for i in range(0, len(blobs), _DECODE_CHUNK)]
-    from pipeline.data._util import default_workers, process_pool
+    from pipeline.workers import default_workers, process_pool
 
     workers = default_workers(workers)
     try:

@@ -65,8 +65,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.data._util import (check_replaceable, default_workers, output_lock, process_pool,
-                                 replacing)
+from pipeline.outputs import check_replaceable, output_lock, replacing
+from pipeline.workers import default_workers, process_pool
 from pipeline.data.classes import CLASSES, RAFDB_TRAIN_COUNTS, SFEW_FOLDERS
 from pipeline.errors import FerError
 

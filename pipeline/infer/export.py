@@ -55,7 +55,7 @@ def export_onnx(predictor, out, *, opset: int = OPSET) -> Path:
     module = _tencrop_module(predictor)
     s = predictor.image_size
     dummy = torch.zeros(2, 3, s, s, dtype=torch.uint8)
-    from pipeline.data._util import replacing_file
+    from pipeline.outputs import replacing_file
 
     # written beside `out`, renamed in with the user's normal file mode (mkstemp's is 0600)
     with replacing_file(out) as tmp:

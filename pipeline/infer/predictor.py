@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data._decode import DecodeError, decode
+from pipeline.data.decode import DecodeError, decode
 from pipeline.errors import FerError
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, by the pipeline's one decoder
-    (:func:`pipeline.data._decode.decode`: pixel cap from the header, EXIF orientation, 16-bit
+    (:func:`pipeline.data.decode.decode`: pixel cap from the header, EXIF orientation, 16-bit
     and float modes scaled to 8 bits), so a photo gives the pixels training saw."""
     return _decode(data)
 

@@ -9,7 +9,7 @@ only through the unwrapped model (``model.unwrap_python_model()``). Output: a Da
 ``label`` and one probability column per class. The
 preprocessing (decode, resize, ten-crop, softmax average) is
 :class:`pipeline.infer.predictor.Predictor`'s, which is evaluation's: encoded bytes go through the
-loader's decoder (:func:`pipeline.data._decode.decode`), pixel cap and EXIF orientation included.
+loader's decoder (:func:`pipeline.data.decode.decode`), pixel cap and EXIF orientation included.
 An undecodable image is a ``ValueError`` with a one-line message.
 
 Request caps (the served model answers HTTP 400 with one line beyond them, before decoding

@@ -99,7 +99,7 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
     "faces", "seconds", "fps"}``."""
     import cv2
 
-    from pipeline.data._util import Progress
+    from pipeline.workers import Progress
     from pipeline.infer.photo import predict_image
 
     if not 0.0 <= smooth < 1.0:

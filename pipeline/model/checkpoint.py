@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.data._util import write_file_atomic
+from pipeline.outputs import write_file_atomic
 from pipeline.errors import FerError
 
 STATE_FILE = "state.pt"

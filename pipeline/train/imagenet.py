@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pipeline import code_deps
-from pipeline.data._util import write_file_atomic
+from pipeline.outputs import write_file_atomic
 from pipeline.errors import FerError
 
 #: imagenet_init keys that are not TrainConfig fields (the rest are passed through to it).
@@ -166,7 +166,7 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
     from pipeline.data.imagenet import dataset_info, streaming_datasets
     from pipeline.model import checkpoint
     from pipeline.train.config import TrainConfig
-    from pipeline.train.launch import _storage, fit, latest_checkpoint_dir
+    from pipeline.train.launch import storage_location, fit, latest_checkpoint_dir
 
     s = settings(section(params, "imagenet_init"))
     data = str(Path(s["data"]))
@@ -190,7 +190,7 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
     # which its dvc.yaml deps also are): a rerun resumes, a change restarts
     digest = code_deps.digest("stages.imagenet_init", json.dumps(
         {**common, **s, "seed": seed, "data": info["fingerprint"]}, sort_keys=True, default=str).encode())[:10]
-    storage = _storage(probe)
+    storage = storage_location(probe)
     model_config = probe.network()
     experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
 

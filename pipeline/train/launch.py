@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.data._util import check_replaceable, replacing, write_marker
+from pipeline.outputs import check_replaceable, replacing, write_marker
 from pipeline import params_schema
 from pipeline.errors import FerError
 from pipeline.train.config import TrainConfig
@@ -33,7 +33,7 @@ def _is_uri(p: str) -> bool:
     return "://" in p
 
 
-def _storage(cfg: TrainConfig) -> str:
+def storage_location(cfg: TrainConfig) -> str:
     return cfg.storage_path if _is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
 
 
@@ -150,7 +150,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
         init = str(Path(init).resolve())
         if not Path(init).is_file():
             raise FerError(f"init checkpoint {init} does not exist")
-    storage = _storage(cfg)
+    storage = storage_location(cfg)
     run_name = cfg.resolved_run_name
     resumed, damaged = plan_resume(storage, run_name)
     _check_resume(cfg, resumed, quiet=damaged is not None)  # a different network: refused first
@@ -219,7 +219,7 @@ def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None =
     with result.checkpoint.as_directory() as d:
         st = checkpoint.read_state(d)
     return write_outputs(cfg, st, checkpoint_path=result.checkpoint.path,
-                         run_name=cfg.resolved_run_name, storage=_storage(cfg))
+                         run_name=cfg.resolved_run_name, storage=storage_location(cfg))
 
 
 # Per-epoch fields that describe this session, not the model: wall-clock speed and where a resumed

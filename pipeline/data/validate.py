@@ -1,6 +1,6 @@
 """Decode-and-validate one file (runs in ingest's worker processes; imports only numpy and PIL).
 
-Validation *is* decoding: :func:`check_bytes` runs :func:`pipeline.data._decode.decode`, the
+Validation *is* decoding: :func:`check_bytes` runs :func:`pipeline.data.decode.decode`, the
 function the loader and the predictor use, so "ok" means "the loader can decode it" and the
 reported size is the EXIF-oriented one the loader will produce.
 """
@@ -11,7 +11,7 @@ import hashlib
 
 from PIL import Image, ImageFile
 
-from pipeline.data._decode import MAX_PIXELS, DecodeError, decode
+from pipeline.data.decode import MAX_PIXELS, DecodeError, decode
 
 __all__ = ["MAX_PIXELS", "check_bytes", "check_file", "check_files", "configure", "configured"]
 
@@ -39,7 +39,7 @@ def check_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> dict:
     """Validate encoded image bytes by decoding them the way the loader does.
 
     Returns ``{"ok", "reason", "sha256", "height", "width", "mode", "format"}``; ``reason`` is
-    None when ok, else :func:`~pipeline.data._decode.decode`'s one-line error. ``mode`` is the
+    None when ok, else :func:`~pipeline.data.decode.decode`'s one-line error. ``mode`` is the
     stored mode and the bytes are never modified: a non-RGB image is only reported (the loader
     converts it at decode time). ``height``/``width`` are EXIF-oriented.
     """

@@ -1,6 +1,6 @@
 """The pipeline's one image decoder: encoded bytes -> uint8 ``H x W x 3`` RGB.
 
-Ingest's validation (:mod:`pipeline.data._validate`), the loader's pool workers
+Ingest's validation (:mod:`pipeline.data.validate`), the loader's pool workers
 (:func:`decode_chunk`), ``fer predict`` and the MLflow model
 (:mod:`pipeline.infer.predictor`) all call :func:`decode`, so "ingest accepted it" means "the
 loader can decode it", and one file gives the same pixels in training, evaluation and serving.
