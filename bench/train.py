@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.data.loader import DeviceBatches
 from pipeline.model import lip_vgg16
+from pipeline.train.config import TrainConfig
 from pipeline.train.steps import lr_lambda, make_optimizer, train_step
 
 
@@ -72,8 +73,7 @@ def main() -> None:
     model = lip_vgg16(width=a.width).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    cfg = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, TrainConfig(data="-", optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(batches), 10, 1, "cosine", 10, 0.1))
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
 

@@ -175,9 +175,7 @@ class _Runner:
     def _config(self, spec: Spec, seed: int):
         from pipeline.train.config import TrainConfig
 
-        model = section(self.params, "model")
-        opts = {**model, **spec.model, **section(self.params, "ray"), **section(self.params, SECTIONS[spec.dataset])}
-        opts["seed"] = seed
+        opts = TrainConfig.options(self.params, SECTIONS[spec.dataset], spec.model, {"seed": seed})
         if self.epochs is not None:
             opts["epochs"] = self.epochs
         ray_sec = section(self.params, "ray")

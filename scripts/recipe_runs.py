@@ -61,11 +61,11 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
 
     d = dict(base, seed=seed)
     tc = TrainConfig.from_dict(d)
-    cfg = {**tc.to_dict(), "model_config": tc.network()}
+    cfg = {**tc.to_dict(), "model_config": tc.network()}  # for this script's own reads
     tx, ty = load_split(cfg["data"], "train", size=cfg["image_size"], workers=1)
     vx, vy = load_split(cfg["data"], "val", size=cfg["image_size"], workers=1)
     ex, ey = load_split(cfg["data"], "test", size=cfg["image_size"], workers=1)
-    batches = make_batches(cfg, tx, ty, batch_size=cfg["batch_size"], crop=cfg["crop"], train=True,
+    batches = make_batches(tc, tx, ty, batch_size=cfg["batch_size"], crop=cfg["crop"], train=True,
                            seed=seed * 100_003, max_rotate_deg=cfg["max_rotate_deg"], drop_last=True)
     steps = len(ty) // cfg["batch_size"]
     counts = torch.bincount(ty, minlength=cfg["num_classes"]).double()
@@ -73,10 +73,10 @@ def run(base: dict, seed: int, out: Path, name: str) -> dict:
     model = lip_vgg16(**cfg["model_config"])
     if cfg["init"] != "none":
         checkpoint.load_init(model, cfg["init"])
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(
         steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
-    crit = make_criterion(cfg, counts, "cpu")
+    crit = make_criterion(tc, counts, "cpu")
     amp = resolve_amp(cfg["amp"], "cpu")  # `amp: true` trains and evaluates under bf16 autocast
     torch.manual_seed(seed * 1000)
     random.seed(seed * 1000)

@@ -23,7 +23,7 @@ def train_stage(*, stage: str, dataset: str) -> dict:
     data, init, out, history_path = stage_args("DATA", "INIT", "OUT", "HISTORY")
     params = load_params()
     output = Path(out)
-    options = {**section(params, "model"), **section(params, "ray"), **section(params, stage)}
+    options = TrainConfig.options(params, stage)
     stage_banner(stage, options.get("amp", "auto"), options.get("use_gpu", "auto"))
     # The run name hashes the config, the init weights and the code the stage runs (its import
     # closure, which its dvc.yaml deps also are): an interrupted run resumes from its last Ray

@@ -13,6 +13,7 @@ from pipeline.model import lip_vgg16
 
 
 def main() -> None:
+    from pipeline.train.config import TrainConfig
     from pipeline.train.imbalance import make_batches
     from pipeline.train.steps import train_step
 
@@ -24,8 +25,8 @@ def main() -> None:
     images = torch.randint(0, 256, (64, 3, 56, 56), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 7, (64,), generator=g)
     # the training stage's own batches: random crops, mirror and rotation (affine grids)
-    cfg = {"sampler": "shuffle", "num_classes": 7}
-    batches = make_batches(cfg, images, labels, batch_size=16, crop=48, train=True, seed=3,
+    run = TrainConfig(data="-", sampler="shuffle", num_classes=7)
+    batches = make_batches(run, images, labels, batch_size=16, crop=48, train=True, seed=3,
                            max_rotate_deg=10.0, drop_last=True)
     batches.set_epoch(1)
     losses = []

@@ -279,7 +279,7 @@ def test_killed_ingest_leaves_no_parquet_and_keeps_old_out(raf300, tmp_path):
                 open({str(flag)!r}, "w").close()
                 time.sleep(60)
             return real(a, b)
-        ing.os.replace = slow
+        os.replace = slow  # the swap (pipeline.outputs) renames with os.replace
         ing.ingest({str(raf300)!r}, {str(out)!r}, report_path={str(tmp_path / 'r.json')!r},
                    progress=False, workers=1)
     """)

@@ -251,7 +251,7 @@ def test_pretrain_streams_a_set_larger_than_the_object_store_learns_and_resumes(
     params["ray"]["max_failures"] = 1
     marker = tmp_path / "failed.txt"
     report = run_imagenet_init(tmp_path / "init.pt", tmp_path / "r.json", params,
-                               extra_loop_config={"_fail_at_epoch": 2, "_fail_marker": str(marker)})
+                               worker_options={"fail_at_epoch": 2, "fail_marker": str(marker)})
     assert marker.exists()  # epoch 2 failed once; the workers restarted from epoch 1's checkpoint
     phase = report["phases"]["pretrain"]
     assert phase["epochs"] == 2 and report["n_train"] == 1200

@@ -62,16 +62,22 @@ def test_logit_adjustment_optimum_is_balanced():
 
 def test_make_criterion_and_batches():
     counts = torch.tensor([3.0, 1.0])
-    base = {"label_smoothing": 0.0, "class_weighted": False, "logit_adjust": 0.0, "num_classes": 2}
-    assert make_criterion(base, counts, "cpu").weight is None
-    assert torch.allclose(make_criterion(dict(base, class_weighted=True), counts, "cpu").weight,
+    from pipeline.train.config import TrainConfig
+
+    base = {"data": "-", "label_smoothing": 0.0, "class_weighted": False, "logit_adjust": 0.0, "num_classes": 2}
+
+    def run(**kw):
+        return TrainConfig(**{**base, **kw})
+
+    assert make_criterion(run(), counts, "cpu").weight is None
+    assert torch.allclose(make_criterion(run(class_weighted=True), counts, "cpu").weight,
                           torch.tensor([4 / 6, 4 / 2]))
-    assert isinstance(make_criterion(dict(base, logit_adjust=1.0), counts, "cpu"), LogitAdjustedLoss)
+    assert isinstance(make_criterion(run(logit_adjust=1.0), counts, "cpu"), LogitAdjustedLoss)
     x = torch.randint(0, 255, (12, 3, 56, 56), dtype=torch.uint8)
     y = torch.tensor([0] * 10 + [1] * 2)
     kw = dict(batch_size=4, crop=48, train=True, drop_last=True)
-    assert type(make_batches(dict(base, sampler="shuffle"), x, y, **kw)).__name__ == "DeviceBatches"
-    bb = make_batches(dict(base, sampler="balanced"), x, y, **kw)
+    assert type(make_batches(run(sampler="shuffle"), x, y, **kw)).__name__ == "DeviceBatches"
+    bb = make_batches(run(sampler="balanced"), x, y, **kw)
     assert isinstance(bb, BalancedBatches)
     seen = torch.cat([yb for _, yb in bb])
     assert len(seen) == 12

@@ -110,8 +110,8 @@ def failed_run(tiny, tmp_path_factory, ray_local):
     tmp_path = tmp_path_factory.mktemp("failed")
     marker = tmp_path / "failed_once"
     cfg = _cfg(tiny, tmp_path, epochs=3, run_name="fail", max_failures=1, **CONSTANT_LR)
-    s = run_training(cfg, extra_loop_config={"_fail_at_epoch": 3, "_fail_rank": 1,
-                                             "_fail_marker": str(marker)})
+    s = run_training(cfg, worker_options={"fail_at_epoch": 3, "fail_rank": 1,
+                                             "fail_marker": str(marker)})
     return s, s["run_history"], tmp_path, marker
 
 
@@ -122,8 +122,8 @@ def resumed_run(tiny, tmp_path_factory, ray_local):
     marker = tmp_path / "crashed_once"
     cfg = _cfg(tiny, tmp_path, epochs=2, run_name="resume", **CONSTANT_LR)
     with pytest.raises(FerError, match="rerun to resume"):
-        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2, "_fail_rank": 0,
-                                             "_fail_marker": str(marker)})
+        run_training(cfg, worker_options={"fail_at_epoch": 2, "fail_rank": 0,
+                                             "fail_marker": str(marker)})
     # rerun, same run name and storage, now for 3 epochs: continues after epoch 1
     s = run_training(_cfg(tiny, tmp_path, epochs=3, run_name="resume", **CONSTANT_LR))
     return s, s["run_history"], tmp_path

@@ -133,13 +133,13 @@ def test_step_reporter_sends_about_twenty_updates_and_always_the_last_step():
             self.append(item)
 
     q = Q()
-    report = step_reporter({"progress_queue": q}, 0, steps=45, epochs=3)
+    report = step_reporter(q, 0, steps=45, epochs=3)
     for step in range(1, 46):
         report(2, step)
     assert [s for _, s, _, _ in q] == [2 * k for k in range(1, 23)] + [45]
     assert all(e == 2 and n == 45 and t == 3 for e, _, n, t in q)
-    assert step_reporter({"progress_queue": q}, 1, steps=45, epochs=3) is None  # rank 0 only
-    assert step_reporter({}, 0, steps=45, epochs=3) is None                      # no bar asked for
+    assert step_reporter(q, 1, steps=45, epochs=3) is None  # rank 0 only
+    assert step_reporter(None, 0, steps=45, epochs=3) is None                     # no bar asked for
 
 
 def test_progress_bar_only_on_a_terminal_unless_forced(monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import load_params
 from pipeline.errors import FerError
 from pipeline.cluster import ensure_ray
 from pipeline.tune import settings as S
@@ -55,7 +56,7 @@ def _params(**tune_over) -> dict:
 
 
 # --------------------------------------------------------------------------- fast
-def test_settings_defaults_and_validation():
+def test_settings_defaults_and_validation(tmp_path):
     s = T.tune_settings(_params())
     assert s["dataset"] == "rafdb" and s["max_epochs"] == 3 and s["workers_per_trial"] == 1
     assert s["max_concurrent"] == 2 and s["fixed"] == {}
@@ -86,8 +87,10 @@ def test_settings_defaults_and_validation():
     for over, msg in bad:
         p = _params(**over) if "dataset" not in over or over["dataset"] != "sfew" else {
             **p_sfew, "tune": {**p_sfew["tune"], **over}}
+        f = tmp_path / "params.yaml"  # as `fer tune` reads it: checked once, by load_params
+        f.write_text(yaml.safe_dump(p))
         with pytest.raises(FerError, match=msg):
-            T.tune_settings(p)
+            T.tune_settings(load_params(f))
     with pytest.raises(FerError, match="no 'tune' section"):
         T.tune_settings({k: v for k, v in _params().items() if k != "tune"})
 

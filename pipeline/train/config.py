@@ -7,11 +7,13 @@ its MLflow run id makes a changed copy (`cfg.model_copy(update=...)`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, ValidationError
 
+from pipeline.config import section
 from pipeline.errors import FerError
 from pipeline.params_schema import TrainRun, run_problems
 
@@ -27,6 +29,24 @@ class TrainConfig(TrainRun):
             found = run_problems(values, e)
         if found:
             raise FerError("bad training config: " + "; ".join(found))
+
+    @staticmethod
+    def options(params: dict[str, Any], training: str | dict[str, Any], *overlays: dict[str, Any]) -> dict[str, Any]:
+        """The one merge of params.yaml into a run's options: ``model`` + ``ray`` + a training
+        section (its name, or the section itself when the caller has resolved it, as
+        imagenet_init does), then each overlay (later wins). The sections share no key (the
+        schema keeps them apart), so the order only matters for the overlays."""
+        sec = section(params, training) if isinstance(training, str) else dict(training)
+        out = {**section(params, "model"), **section(params, "ray"), **sec}
+        for o in overlays:
+            out.update(o)
+        return out
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], training: str | dict[str, Any], *overlays: dict[str, Any],
+                    **fields: Any) -> "TrainConfig":
+        """:meth:`options` plus ``fields`` (paths, run name), validated."""
+        return cls(**{**cls.options(params, training, *overlays), **fields})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -50,3 +70,35 @@ class TrainConfig(TrainRun):
         if self.run_name:
             return self.run_name
         return "train-" + (Path(self.output).resolve().name or "run")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What each Ray Train worker runs with. Ray hands the loop a plain dict
+    (``train_loop_config``: it must pickle, and a pydantic model is pinned to its class's
+    module version); the loop rebuilds this from it once (:meth:`from_loop`) and reads attributes,
+    so a mistyped key is an AttributeError at once, not a silent ``None`` many epochs in."""
+
+    run: TrainConfig                   # data and init as absolute paths (workers may run elsewhere)
+    network: dict                      # `pipeline.model.lip_vgg16` kwargs (`run.network()`)
+    train_config: dict                 # the run's config as the stage gave it: recorded per checkpoint
+    torch_threads: int = 0             # 0: leave torch's default
+    tracking_uri: str = ""             # the driver's MLflow store
+    resume_from: str | None = None     # the newest intact epoch when Ray's own latest is damaged
+    progress_queue: Any = None         # the driver's in-epoch bar (a Ray queue actor) or None
+    # test hook: fail once at this epoch on this rank, remembered by the marker file
+    fail_at_epoch: int | None = None
+    fail_rank: int = 0
+    fail_marker: str | None = None
+    # imagenet_init's streamed loop
+    freeze: bool = False
+    steps_per_epoch: int = 0
+    phase: str = ""
+    shuffle_buffer: int | None = None
+
+    def to_loop(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "run": self.run.to_dict()}
+
+    @classmethod
+    def from_loop(cls, d: dict[str, Any]) -> "WorkerConfig":
+        return cls(**{**d, "run": TrainConfig.from_dict(d["run"])})

@@ -79,24 +79,27 @@ def imagenet_loop_per_worker(config: dict) -> None:
     from pipeline.train.steps import (all_reduce, build_model, cpu_state, end_epoch, epoch_logger, maybe_fail,
                                       resume, setup_worker, sync_buffers, train_epoch)
 
-    cfg = config
-    rank, world, device, amp, channels_last = setup_worker(cfg)
-    steps = int(cfg["steps_per_epoch"])
+    from pipeline.train.config import WorkerConfig
+
+    w = WorkerConfig.from_loop(config)
+    run = w.run
+    rank, world, device, amp, channels_last = setup_worker(w)
+    steps = int(w.steps_per_epoch)
     frozen_bn: list[nn.Module] = []  # adapt: these keep ImageNet's running statistics
-    freeze = (lambda m: frozen_bn.extend(_freeze(m))) if cfg["freeze"] else None
-    model, raw, optimizer, scheduler, ckpt = build_model(cfg, rank, steps, channels_last, before_ddp=freeze)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    freeze = (lambda m: frozen_bn.extend(_freeze(m))) if w.freeze else None
+    model, raw, optimizer, scheduler, ckpt = build_model(w, rank, steps, channels_last, before_ddp=freeze)
+    criterion = nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
     start, history = 1, []
-    if (st := resume(ckpt, cfg, rank, raw, optimizer, scheduler)) is not None:
+    if (st := resume(ckpt, w, rank, raw, optimizer, scheduler)) is not None:
         start, history = st["epoch"] + 1, st["history"]
-    on_epoch = epoch_logger(cfg, rank, prefix=f"{cfg['phase']}_")
+    on_epoch = epoch_logger(w, rank, prefix=f"{w.phase}_")
 
     dtypes = {"image": torch.uint8, "label": torch.int64}
     as_xy = lambda batches: ((normalize(b["image"].permute(0, 3, 1, 2)), b["label"]) for b in batches)  # noqa: E731
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start, cfg["epochs"] + 1):
-        maybe_fail(cfg, epoch, rank)
+    for epoch in range(start, run.epochs + 1):
+        maybe_fail(w, epoch, rank)
         model.train()
         for m in frozen_bn:
             m.eval()
@@ -104,8 +107,8 @@ def imagenet_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         loss_sum, correct_g, seen_g, lr, done = train_epoch(
             model, as_xy(train_shard.iter_torch_batches(
-                batch_size=cfg["batch_size"] // world, drop_last=True, dtypes=dtypes, device=device,
-                local_shuffle_buffer_size=cfg["shuffle_buffer"] or None)),
+                batch_size=run.batch_size // world, drop_last=True, dtypes=dtypes, device=device,
+                local_shuffle_buffer_size=w.shuffle_buffer or None)),
             criterion, optimizer, scheduler, device=device, amp=amp, channels_last=channels_last)
         if done != steps:  # equal splits and drop_last make this exact; say so if not
             say(f"warning: rank {rank} ran {done} steps, expected {steps}")
@@ -135,15 +138,15 @@ def imagenet_loop_per_worker(config: dict) -> None:
             "worker_rss_peak_mb": peak, "worker_rss_growth_mb": growth,
         }
         history.append(metrics)
-        end_epoch(rank, epoch, metrics, on_epoch, cfg, line=(
-            f"{cfg['phase']} epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+        end_epoch(rank, epoch, metrics, on_epoch, w, line=(
+            f"{w.phase} epoch {epoch}/{run.epochs}  loss {metrics['train_loss']:.4f}  "
             f"acc {metrics['train_accuracy']:.3f}  top1 {metrics['top1']:.3f}  top5 "
             f"{metrics['top5']:.3f}  {metrics['images_per_s']:.1f} img/s  worker RSS peak "
             f"{peak:.0f} MB"),
             state=lambda: {
                 "model": cpu_state(raw), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                "model_config": dict(cfg["model_config"]),
+                "model_config": dict(w.network),
             })
 
 
@@ -158,7 +161,7 @@ def settings(section: dict) -> dict:
     return ImagenetInit.model_validate(section).model_dump()
 
 
-def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_config=None) -> dict:
+def run_imagenet_init(out: Path, report_path: Path, params: dict, *, worker_options=None) -> dict:
     """Train per ``imagenet_init.mode`` (adapt | pretrain) on the streamed ImageNet parquet and
     write the init checkpoint ``out`` and the report (top-1/top-5 on val); returns the report."""
     from pipeline import tracking
@@ -173,9 +176,9 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
     info = dataset_info(data)
     classes = info["classes"]
     seed = s["seed"] if s["seed"] is not None else section(params, "train_rafdb").get("seed", 0)
-    common = {**section(params, "model"), **section(params, "ray"),
-              **{k: v for k, v in s.items() if k not in _SECTION_ONLY and k not in ("epochs", "lr", "seed")},
-              "seed": seed, "num_classes": len(classes), "data": data}
+    common = TrainConfig.options(
+        params, {k: v for k, v in s.items() if k not in _SECTION_ONLY and k not in ("epochs", "lr", "seed")},
+        {"seed": seed, "num_classes": len(classes), "data": data})
     probe = TrainConfig.from_dict({**common, "epochs": max(1, s["epochs"]), "lr": s["lr"]})
     local_bs = probe.batch_size // probe.num_workers
     steps = info["rows"]["train"] // probe.num_workers // local_bs
@@ -214,8 +217,8 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, extra_loop_
                 result = fit(cfg, train_loop=imagenet_loop_per_worker,
                              datasets=lambda: streaming_datasets(data, crop=cfg.crop, min_scale=s["min_scale"],
                                                                  seed=seed),
-                             extra_loop_config={"freeze": freeze, "steps_per_epoch": steps, "phase": phase,
-                                                "shuffle_buffer": s["shuffle_buffer"], **(extra_loop_config or {})})
+                             worker_options={"freeze": freeze, "steps_per_epoch": steps, "phase": phase,
+                                             "shuffle_buffer": s["shuffle_buffer"], **(worker_options or {})})
                 if result.checkpoint is None:
                     raise FerError(f"ImageNet run {cfg.resolved_run_name!r} reported no checkpoint")
                 with result.checkpoint.as_directory() as d:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data.loader import DeviceBatches, normalize, random_crop_flip
+from pipeline.train.config import TrainConfig
 
 
 def class_prior(counts: torch.Tensor) -> torch.Tensor:
@@ -57,21 +58,21 @@ class LogitAdjustedLoss(nn.Module):
                                label_smoothing=self.label_smoothing)
 
 
-def make_criterion(cfg: dict, counts: torch.Tensor, device) -> nn.Module:
+def make_criterion(run: TrainConfig, counts: torch.Tensor, device) -> nn.Module:
     """The training loss for a worker config: plain / class-weighted / logit-adjusted CE."""
-    tau = float(cfg.get("logit_adjust", 0.0) or 0.0)
+    tau = float(run.logit_adjust or 0.0)
     if tau > 0:
-        return LogitAdjustedLoss(counts, tau, cfg["label_smoothing"]).to(device)
+        return LogitAdjustedLoss(counts, tau, run.label_smoothing).to(device)
     weight = None
-    if cfg["class_weighted"]:
+    if run.class_weighted:
         weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=run.label_smoothing)
 
 
-def make_batches(cfg: dict, tx: torch.Tensor, ty: torch.Tensor, **kw) -> DeviceBatches:
+def make_batches(run: TrainConfig, tx: torch.Tensor, ty: torch.Tensor, **kw) -> DeviceBatches:
     """``DeviceBatches`` for ``sampler: shuffle`` (default), :class:`BalancedBatches` for ``balanced``."""
-    if cfg.get("sampler", "shuffle") == "balanced":
-        return BalancedBatches(tx, ty, num_classes=cfg["num_classes"], **kw)
+    if run.sampler == "balanced":
+        return BalancedBatches(tx, ty, num_classes=run.num_classes, **kw)
     return DeviceBatches(tx, ty, **kw)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.outputs import check_replaceable, replacing, write_marker
 from pipeline import params_schema
 from pipeline.errors import FerError
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, WorkerConfig
 from pipeline.model import checkpoint
 from pipeline.train.steps import CONFIG_FILE
 from pipeline.train.worker import train_loop_per_worker
@@ -126,11 +126,11 @@ def _check_resume(cfg: TrainConfig, ckpt_dir: Path | None, *, quiet: bool = Fals
 
 
 def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
-        extra_loop_config: dict[str, Any] | None = None, train_loop=None, datasets=None):
+        worker_options: dict[str, Any] | None = None, train_loop=None, datasets=None):
     """Build this run's ``TorchTrainer`` and fit it; returns Ray's ``Result``. The one place a
     trainer is built: the training stages, every Tune trial (``callbacks=[TuneReportCallback()]``)
-    and every ablation row come here. ``extra_loop_config`` is merged into the worker config
-    (test hooks such as ``_fail_at_epoch``). ``train_loop`` replaces the face-set loop and
+    and every ablation row come here. ``worker_options`` are :class:`WorkerConfig` fields
+    (test hooks such as ``fail_at_epoch``, the streamed loop's settings). ``train_loop`` replaces the face-set loop and
     ``datasets`` (Ray Datasets by name, or a function returning them, called once Ray is up)
     are streamed to the workers (``ray.train.get_dataset_shard``): ImageNet-init's training."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -159,16 +159,14 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     cpw = planned_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
     ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
     res = worker_resources(cfg.use_gpu, cfg.num_workers, cfg.cpus_per_worker)
-    loop_config = {
-        **cfg.to_dict(), "data": str(data), "init": init, "model_config": cfg.network(),
-        "train_config": cfg.to_dict(), "torch_threads": max(1, int(res["cpus_per_worker"])),
-        "mlflow_tracking_uri": tracking_uri(), "resume_from": str(seed) if seed else None,
-        **(extra_loop_config or {}),
-    }
+    worker = WorkerConfig(
+        run=cfg.model_copy(update={"data": str(data), "init": init}), network=cfg.network(),
+        train_config=cfg.to_dict(), torch_threads=max(1, int(res["cpus_per_worker"])),
+        tracking_uri=tracking_uri(), resume_from=str(seed) if seed else None, **(worker_options or {}))
     bar = EpochBar(enabled=None if train_loop is None else False).start()  # the face-set loop's steps
     own_pg_file = None
     try:  # the bar's thread and queue actor end with the run, however it ends
-        loop_config.update(bar.config())
+        loop_config = {**worker.to_loop(), **bar.config()}
         if pg_file is None and ray_workarounds.needed():
             fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
             os.close(fd)
@@ -209,11 +207,11 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
             Path(own_pg_file).unlink(missing_ok=True)
 
 
-def run_training(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, worker_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train with Ray Train, write ``output/model.pt`` (best epoch by val accuracy) and
     ``output/history.json``, return a summary."""
     check_output(Path(cfg.output))  # before hours of training, not after
-    result = fit(cfg, extra_loop_config=extra_loop_config)
+    result = fit(cfg, worker_options=worker_options)
     if result.checkpoint is None:
         raise FerError(f"training run {cfg.resolved_run_name!r} reported no checkpoint")
     with result.checkpoint.as_directory() as d:

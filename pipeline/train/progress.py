@@ -84,9 +84,9 @@ class EpochBar:
                 bar.close()
 
 
-def step_reporter(cfg: dict, rank: int, steps: int, epochs: int):
-    """Worker side: a function ``(epoch, step)`` for rank 0 when the driver draws a bar, else None."""
-    queue = cfg.get(KEY)
+def step_reporter(queue, rank: int, steps: int, epochs: int):
+    """Worker side: a function ``(epoch, step)`` for rank 0 when the driver draws a bar (``queue``,
+    the worker config's ``progress_queue``), else None."""
     if queue is None or rank != 0:
         return None
     every = max(1, steps // 20)

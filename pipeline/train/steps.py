@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.ray_workarounds import say
+from pipeline.train.config import TrainConfig, WorkerConfig
 
 CONFIG_FILE = "train_config.json"
 
@@ -58,30 +59,29 @@ def _onecycle(total: int, pct_start: float = 0.3, div: float = 25.0, final_div: 
     return f
 
 
-def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
+def param_groups(model: nn.Module, run: TrainConfig) -> list[dict]:
     """The optimiser's parameter groups. ``decay_norms: false`` exempts the norms' gains and biases
     and every bias from weight decay (timm's and nanoGPT's practice: decaying a norm's gain only
     shrinks the scale the next layer sees); ``lip_lr_scale`` gives the LIP logit modules their own
     learning rate. Both at their defaults: one group, every parameter decayed (the recipe as it was)."""
     from pipeline.model.lip import LIPLogit
 
-    decay_norms, lip_scale = cfg.get("decay_norms", True), float(cfg.get("lip_lr_scale", 1.0))
+    decay_norms, lip_scale = run.decay_norms, float(run.lip_lr_scale)
     lip_params = {id(p) for m in model.modules() if isinstance(m, LIPLogit) for p in m.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         exempt = not decay_norms and p.ndim <= 1  # norm gains/biases, conv/linear biases
         groups.setdefault((id(p) in lip_params and lip_scale != 1.0, exempt), []).append(p)
-    return [{"params": ps, "lr": cfg["lr"] * (lip_scale if lip else 1.0),
-             "weight_decay": 0.0 if exempt else cfg["weight_decay"]}
+    return [{"params": ps, "lr": run.lr * (lip_scale if lip else 1.0),
+             "weight_decay": 0.0 if exempt else run.weight_decay}
             for (lip, exempt), ps in groups.items()]
 
 
-def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+def make_optimizer(model: nn.Module, run: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, run)
+    if run.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
+    return torch.optim.AdamW(groups, lr=run.lr, weight_decay=run.weight_decay)
 
 
 def train_step(model, x, y, criterion, optimizer, scheduler=None, *, amp: bool = False,
@@ -151,20 +151,20 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def resume(ckpt, cfg: dict, rank: int, raw: nn.Module, optimizer, scheduler) -> dict | None:
+def resume(ckpt, w: WorkerConfig, rank: int, raw: nn.Module, optimizer, scheduler) -> dict | None:
     """Seed this rank's RNGs (dropout etc. differ per rank), then continue from Ray's checkpoint
     (None: a fresh start): model, optimiser, schedule and this rank's RNG state are restored; the
     training state dict is returned for the loop's own fields."""
     from pipeline.model import checkpoint
 
-    torch.manual_seed(int(cfg["seed"]) * 1000 + rank)
-    random.seed(int(cfg["seed"]) * 1000 + rank)
-    if ckpt is None and cfg.get("resume_from"):
+    torch.manual_seed(int(w.run.seed) * 1000 + rank)
+    random.seed(int(w.run.seed) * 1000 + rank)
+    if ckpt is None and w.resume_from:
         # the newest intact epoch of a run whose latest checkpoint was damaged (launch.plan_resume):
         # Ray starts that run afresh, and its first report is the epoch after this one
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(cfg["resume_from"])
+        ckpt = ray.train.Checkpoint.from_directory(w.resume_from)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -189,7 +189,7 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
-def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, cfg: dict, *, line: str,
+def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, w: WorkerConfig, *, line: str,
               state: Callable[[], dict]) -> None:
     """The end of every training loop's epoch: rank 0 prints ``line`` and logs the metrics
     (tracking never kills training); then one Ray checkpoint that every rank writes into (Ray
@@ -209,15 +209,15 @@ def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, cfg: dict, *, line
         checkpoint.save_checked(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
         if rank == 0:
             checkpoint.save_state(d, state())
-            (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg.get("train_config", {}), indent=1))
+            (Path(d) / CONFIG_FILE).write_text(json.dumps(w.train_config, indent=1))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def maybe_fail(cfg: dict, epoch: int, rank: int) -> None:
-    """Test hook: fail once at `_fail_at_epoch` on `_fail_rank`, remembered by a marker file."""
-    at, marker = cfg.get("_fail_at_epoch"), cfg.get("_fail_marker")
-    if at is None or epoch != at or rank != cfg.get("_fail_rank", 0):
+def maybe_fail(w: WorkerConfig, epoch: int, rank: int) -> None:
+    """Test hook: fail once at `fail_at_epoch` on `fail_rank`, remembered by a marker file."""
+    at, marker = w.fail_at_epoch, w.fail_marker
+    if at is None or epoch != at or rank != w.fail_rank:
         return
     if marker and Path(marker).exists():
         return
@@ -226,7 +226,7 @@ def maybe_fail(cfg: dict, epoch: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
 
 
-def setup_worker(cfg: dict):
+def setup_worker(w: WorkerConfig):
     """(rank, world size, device, amp, channels_last) of this worker, its torch threads set."""
     import ray.train
     import ray.train.torch
@@ -235,13 +235,13 @@ def setup_worker(cfg: dict):
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    return (ctx.get_world_rank(), ctx.get_world_size(), device, resolve_amp(cfg["amp"], device),
-            resolve_channels_last(cfg["channels_last"], device))
+    if w.torch_threads:
+        torch.set_num_threads(int(w.torch_threads))
+    return (ctx.get_world_rank(), ctx.get_world_size(), device, resolve_amp(w.run.amp, device),
+            resolve_channels_last(w.run.channels_last, device))
 
 
-def build_model(cfg: dict, rank: int, steps: int, channels_last: bool, before_ddp=None):
+def build_model(w: WorkerConfig, rank: int, steps: int, channels_last: bool, before_ddp=None):
     """The seeded network (identical on every rank; the init checkpoint on a fresh start),
     ``before_ddp(model)`` (ImageNet adapt freezes there), DDP, torch.compile when asked, and its
     optimiser and per-step LR schedule: ``(model, raw, optimizer, scheduler, Ray checkpoint)``.
@@ -252,13 +252,14 @@ def build_model(cfg: dict, rank: int, steps: int, channels_last: bool, before_dd
     from pipeline.model import checkpoint, lip_vgg16
     from pipeline.model.speed import maybe_compile
 
-    torch.manual_seed(int(cfg["seed"]))
-    model = lip_vgg16(**cfg["model_config"])
+    run = w.run
+    torch.manual_seed(int(run.seed))
+    model = lip_vgg16(**w.network)
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg["init"] != "none":
-        rep = checkpoint.load_init(model, cfg["init"])
+    if ckpt is None and run.init != "none":
+        rep = checkpoint.load_init(model, run.init)
         if rank == 0:
-            say(f"init from {cfg['init']}: copied {len(rep['copied'])} tensors, "
+            say(f"init from {run.init}: copied {len(rep['copied'])} tensors, "
                  f"re-initialised {len(rep['reinit'])} (classifier), {len(rep['missing'])} not in file")
     if before_ddp is not None:
         before_ddp(model)
@@ -267,10 +268,10 @@ def build_model(cfg: dict, rank: int, steps: int, channels_last: bool, before_dd
     model = ray.train.torch.prepare_model(model)
     raw = unwrap(model)
     # compiled after DDP wraps it (DDPOptimizer splits the graph at bucket boundaries)
-    model = maybe_compile(model, bool(cfg.get("compile", False)))
-    optimizer = make_optimizer(model, cfg)
+    model = maybe_compile(model, bool(run.compile))
+    optimizer = make_optimizer(model, run)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        steps, cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["step_size"], cfg["gamma"]))
+        steps, run.epochs, run.warmup_epochs, run.schedule, run.step_size, run.gamma))
     return model, raw, optimizer, scheduler, ckpt
 
 
@@ -296,18 +297,18 @@ def train_epoch(model, batches: Iterable, criterion, optimizer, scheduler, *, de
     return loss_sum, correct, seen, lr, steps
 
 
-def epoch_logger(cfg: dict, rank: int, prefix: str = ""):
+def epoch_logger(w: WorkerConfig, rank: int, prefix: str = ""):
     """Rank 0's per-epoch MLflow logging ``(metrics, epoch)`` into the driver's store, or None."""
-    if rank != 0 or not cfg.get("mlflow_run_id"):
+    if rank != 0 or not w.run.mlflow_run_id:
         return None
-    if cfg.get("mlflow_tracking_uri"):  # workers run elsewhere: log to the driver's store
-        os.environ["MLFLOW_TRACKING_URI"] = cfg["mlflow_tracking_uri"]
+    if w.tracking_uri:  # workers run elsewhere: log to the driver's store
+        os.environ["MLFLOW_TRACKING_URI"] = w.tracking_uri
     try:
         from pipeline.tracking import log_epoch
     except ImportError as e:
         say(f"warning: no per-epoch MLflow logging ({e})")
         return None
-    return lambda metrics, epoch: log_epoch(cfg["mlflow_run_id"], {prefix + k: v for k, v in metrics.items()},
+    return lambda metrics, epoch: log_epoch(w.run.mlflow_run_id, {prefix + k: v for k, v in metrics.items()},
                                             epoch)
 
 

@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from pipeline.train.config import WorkerConfig
 from pipeline.train.steps import (CONFIG_FILE, all_reduce, build_model, count_correct, cpu_state, end_epoch,
                                   epoch_logger, maybe_fail, resume, setup_worker, sync_buffers, train_epoch)
 
@@ -37,44 +38,45 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.imbalance import make_batches, make_criterion
     from pipeline.train.progress import step_reporter
 
-    cfg = config
-    rank, world, device, amp, channels_last = setup_worker(cfg)
+    w = WorkerConfig.from_loop(config)
+    run = w.run
+    rank, world, device, amp, channels_last = setup_worker(w)
     # Ray Train's per-report INFO lines reach the console through the root logger too
     logging.getLogger("ray.train").setLevel(LOG_LEVEL)
-    seed = int(cfg["seed"])
+    seed = int(run.seed)
 
     # ---- data: this worker's shard of train and val, kept on the device as uint8
-    tx, ty = load_split(cfg["data"], "train", size=cfg["image_size"], rank=rank, world_size=world)
-    vx, vy = load_split(cfg["data"], "val", size=cfg["image_size"], rank=rank, world_size=world)
+    tx, ty = load_split(run.data, "train", size=run.image_size, rank=rank, world_size=world)
+    vx, vy = load_split(run.data, "val", size=run.image_size, rank=rank, world_size=world)
     vx, vy = vx.to(device), vy.to(device)
-    local_bs = cfg["batch_size"] // world
-    batches = make_batches(cfg, tx, ty, batch_size=local_bs, crop=cfg["crop"], train=True, device=device,
-                            seed=seed * 100_003 + rank * 10_007, max_rotate_deg=cfg["max_rotate_deg"],
+    local_bs = run.batch_size // world
+    batches = make_batches(run, tx, ty, batch_size=local_bs, crop=run.crop, train=True, device=device,
+                            seed=seed * 100_003 + rank * 10_007, max_rotate_deg=run.max_rotate_deg,
                             drop_last=True)
     # Every worker must run the same number of steps (DDP); shards differ by at most one image.
     steps = int(all_reduce([len(ty) // local_bs], op=dist.ReduceOp.MIN, device=device)[0])
     if steps < 1:
         raise ValueError(f"train shard of {len(ty)} images is smaller than the per-worker batch "
                          f"{local_bs}: lower batch_size or num_workers")
-    counts = torch.bincount(ty, minlength=cfg["num_classes"]).double()
+    counts = torch.bincount(ty, minlength=run.num_classes).double()
     counts = torch.tensor(all_reduce(counts.tolist(), device=device), dtype=torch.float64)
 
     # ---- model, optimiser, schedule, loss; then resume
-    model, raw, optimizer, scheduler, ckpt = build_model(cfg, rank, steps, channels_last)
-    criterion = make_criterion(cfg, counts, device)  # plain / class-weighted / logit-adjusted
+    model, raw, optimizer, scheduler, ckpt = build_model(w, rank, steps, channels_last)
+    criterion = make_criterion(run, counts, device)  # plain / class-weighted / logit-adjusted
     start, best_acc, best_epoch, best_state, bad, stopped, history = 1, -1.0, 0, None, 0, False, []
-    if (st := resume(ckpt, cfg, rank, raw, optimizer, scheduler)) is not None:
+    if (st := resume(ckpt, w, rank, raw, optimizer, scheduler)) is not None:
         start = st["epoch"] + 1
         best_acc, best_epoch, best_state = st["best_val_accuracy"], st["best_epoch"], st["best_state"]
         bad, stopped, history = st["bad_epochs"], st["stopped"], st["history"]
     if stopped:
         return  # early-stopped before: the last checkpoint already holds the final state
-    on_epoch = epoch_logger(cfg, rank)
+    on_epoch = epoch_logger(w, rank)
 
     # ---- epochs
-    show_step = step_reporter(cfg, rank, steps, cfg["epochs"])  # the driver's bar (a terminal)
-    for epoch in range(start, cfg["epochs"] + 1):
-        maybe_fail(cfg, epoch, rank)
+    show_step = step_reporter(w.progress_queue, rank, steps, run.epochs)  # the driver's bar (a terminal)
+    for epoch in range(start, run.epochs + 1):
+        maybe_fail(w, epoch, rank)
         model.train()
         batches.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -84,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
             on_step=None if show_step is None else functools.partial(show_step, epoch))
         train_time = time.perf_counter() - t0
         sync_buffers(raw)
-        vc, vn = count_correct(raw, vx, vy, cfg["crop"], amp=amp, channels_last=channels_last)
+        vc, vn = count_correct(raw, vx, vy, run.crop, amp=amp, channels_last=channels_last)
         vc, vn = all_reduce([vc, vn], device=device)
         val_acc = vc / max(vn, 1)
         if val_acc > best_acc:
@@ -92,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
             best_state = cpu_state(raw) if rank == 0 else None  # only rank 0 saves it
         else:
             bad += 1
-        stopped = bool(cfg["patience"]) and bad >= cfg["patience"]
+        stopped = bool(run.patience) and bad >= run.patience
         metrics = {
             "epoch": epoch, "train_loss": loss_sum / seen_g, "train_accuracy": correct_g / seen_g,
             "val_accuracy": val_acc, "lr": lr, "images_per_s": seen_g / train_time,
@@ -100,8 +102,8 @@ def train_loop_per_worker(config: dict) -> None:
             "best_epoch": best_epoch, "n_val": int(vn), "session_start_epoch": start,
         }
         history.append(metrics)
-        end_epoch(rank, epoch, metrics, on_epoch, cfg, line=(
-            f"epoch {epoch}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+        end_epoch(rank, epoch, metrics, on_epoch, w, line=(
+            f"epoch {epoch}/{run.epochs}  loss {metrics['train_loss']:.4f}  "
             f"acc {metrics['train_accuracy']:.3f}  val_acc {val_acc:.3f}  lr {lr:.2e}  "
             f"{metrics['images_per_s']:.1f} img/s" + ("  (early stop)" if stopped else "")),
             state=lambda: {
@@ -109,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "best_val_accuracy": best_acc, "best_epoch": best_epoch, "best_state": best_state,
                 "bad_epochs": bad, "stopped": stopped, "history": history,
-                "model_config": dict(cfg["model_config"]), "image_size": int(tx.shape[-1]),
+                "model_config": dict(w.network), "image_size": int(tx.shape[-1]),
             })
         if stopped:
             break

@@ -28,20 +28,18 @@ from typing import Any
 from pipeline.config import load_params, section
 from pipeline.errors import FerError
 from pipeline.params_schema import TUNE_DATASETS as DATASETS
-from pipeline.params_schema import Model, Tune, problems, tune_max_epochs
+from pipeline.params_schema import Model, Tune, tune_max_epochs
 
 #: Searched keys that `--apply` writes into the model section (the rest: the training section).
 MODEL_KEYS = tuple(Model.model_fields)
 
 
 def tune_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``tune:`` section with its defaults filled in, checked by the params schema (its fields
-    and `tune_problems`: the search space, ``fixed``, grace period, SFEW's fixed architecture)."""
+    """The ``tune:`` section of params that :func:`pipeline.config.load_params` has checked (the
+    schema's fields and `tune_problems`: the search space, ``fixed``, grace period, SFEW's fixed
+    architecture; checked once per process, there), with its defaults filled in."""
     if "tune" not in params or not isinstance(params.get("tune"), dict):
         raise FerError("params.yaml has no 'tune' section (see `fer tune --help` for its keys)")
-    found = problems(params)
-    if found:
-        raise FerError("; ".join(found))
     s = {**{k: f.get_default(call_default_factory=True) for k, f in Tune.model_fields.items()}, **params["tune"]}
     section(params, DATASETS[s["dataset"]])  # the trials' training section must be there
     s["max_epochs"] = tune_max_epochs(params)
@@ -56,8 +54,9 @@ def resolve_path(root: Path, p: str) -> str:
 def base_options(params: dict[str, Any], settings: dict[str, Any], root: Path) -> dict[str, Any]:
     """The TrainConfig options every trial starts from: model + ray + the dataset's training
     section (as the DVC stage reads them) + ``tune.fixed``."""
-    opts = {**section(params, "model"), **section(params, "ray"),
-            **section(params, DATASETS[settings["dataset"]]), **settings["fixed"]}
+    from pipeline.train.config import TrainConfig
+
+    opts = TrainConfig.options(params, DATASETS[settings["dataset"]], settings["fixed"])
     opts.pop("storage_path", None)
     opts.update(epochs=settings["max_epochs"], num_workers=settings["workers_per_trial"])
     return opts
