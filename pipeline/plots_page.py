@@ -68,7 +68,7 @@ def page_template() -> str:
 
 def write(path: str | Path = TEMPLATE) -> Path:
     """Write the template to ``path`` (whole, or the previous file is kept)."""
-    from pipeline.data._util import write_file_atomic
+    from pipeline.outputs import write_file_atomic
 
     return write_file_atomic(Path(path), page_template().encode("utf-8"))
 
