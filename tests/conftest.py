@@ -3,6 +3,8 @@ MLflow telemetry, no Ray auth token, MLflow network timeouts) before either libr
 MLflow stores are per-test temp dirs, never the repo root."""
 import os
 
+import pytest
+
 # No precision override: amp "auto" is fp32 on every CPU (native bf16 or not), so the suite's exact
 # comparisons (batch-size independence, ONNX vs torch, resumed runs) run the machine as it is; the
 # bf16 paths are tested by forcing amp on (tests/test_gpu_paths.py).
@@ -70,3 +72,41 @@ def wait_ready(proc, ready_url: str, log_path, timeout: float = 180) -> None:
                 stop_process_group(proc)
             raise AssertionError(f"{ready_url} did not answer:\n" + Path(log_path).read_text()[-3000:])
         time.sleep(0.5)
+
+
+#: Where a Chromium is looked for: the Debian package's binary (what `.ci/run` installs), then the
+#: names other distributions give it. Playwright's own downloaded browsers are not used: nothing is
+#: downloaded at test time.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    """``FER_CHROMIUM`` when set, else the first Chromium on ``PATH`` or in ``/usr/bin``."""
+    import shutil
+
+    if os.environ.get("FER_CHROMIUM"):
+        return os.environ["FER_CHROMIUM"]
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name) or shutil.which(name, path="/usr/bin")
+        if found:
+            return found
+    return None
+
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium driven by Playwright, for the pages a user looks at (the MLflow UI, the
+    DVC plots page). Skipped, in one line, only where no Chromium binary exists; Playwright itself
+    is a dev dependency, so its absence is an error, not a skip."""
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium binary (apt-get install chromium, or set FER_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            b.close()

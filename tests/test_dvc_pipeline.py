@@ -112,6 +112,122 @@ def test_dvc_repro_end_to_end(repro):
     assert shown.returncode == 0 and "eval_rafdb.json" in shown.stdout
 
 
+def check_mlflow_ui(browser, base: str, client, experiment: str, docs: Path) -> None:
+    """Walk the MLflow UI at ``base`` as a user picking a model does, from the home page, and
+    write what they see into ``docs/``: the experiment's runs, a training run's per-epoch chart,
+    both registered models with their champion, and the champion's version page (signature,
+    description with the training run's real id, and its link to that run's page).
+
+    MLflow 3.17's UI ignores the experiment's ``mlflow.experimentKind`` tag: it starts in its
+    GenAI mode (no Model registry link, the experiment opening on a traces overview) until the
+    user picks "Model training", which the browser then remembers. So that is the first click."""
+    import re
+
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    train = {"rafdb": by_stage["train_rafdb"], "sfew": by_stage["finetune_sfew"]}
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    ctx.set_default_timeout(60_000)  # every wait below: a busy 2-core machine, never forever
+    # as for a user who closed the assistant panel once (it opens itself on a first visit and
+    # would take a third of every picture)
+    ctx.add_init_script("""for (const [k, v] of [['mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true'],
+                                                  ['mlflow.assistant.panelOpen_v1', 'false']])
+                             if (localStorage.getItem(k) === null) localStorage.setItem(k, v);""")
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # MLflow's "try the new registry UI" and similar popups cover what is clicked next: closed
+    # whenever one appears, as a user would
+    dialogs = page.get_by_role("dialog")
+    page.add_locator_handler(dialogs, lambda d: d.get_by_role("button", name="Close").first.click())
+
+    def picture(name: str, height: int = 900) -> None:
+        """The page as the user sees it, without a popup left open over it."""
+        if dialogs.count() and dialogs.first.is_visible():
+            dialogs.first.get_by_role("button", name="Close").first.click()
+        page.set_viewport_size({"width": 1400, "height": height})
+        page.screenshot(path=str(docs / name))
+        page.set_viewport_size({"width": 1400, "height": 900})
+
+    try:
+        page.goto(base + "/", timeout=60_000)  # the UI polls forever: wait for text, not the network
+        page.get_by_text("Model training", exact=True).first.click()
+        page.get_by_role("link", name="Model registry").first.wait_for()  # hidden in GenAI mode
+
+        # the experiment opens on its runs: the two training runs and the two evaluations
+        page.get_by_role("link", name="Experiments").first.click()
+        page.get_by_role("link", name=experiment, exact=True).first.click()
+        for r in runs:
+            page.get_by_role("link", name=r.info.run_name, exact=True).first.wait_for()
+        assert re.search(rf"#/experiments/{exp.experiment_id}/runs(\?|$)", page.url), page.url
+        picture("mlflow_runs.png", height=500)
+
+        # a training run's per-epoch chart: val_accuracy with one point per epoch
+        rafdb = train["rafdb"]
+        epochs = len(client.get_metric_history(rafdb.info.run_id, "val_accuracy"))
+        assert epochs >= 2
+        page.get_by_role("link", name=rafdb.info.run_name, exact=True).first.click()
+        page.get_by_role("tab", name="Model metrics").first.click()
+        page.get_by_placeholder("Search metric charts").fill("val_accuracy")
+        page.wait_for_function("""([name, n]) => [...document.querySelectorAll('.js-plotly-plot')].some(p => {
+            let card = p; while (card && !(card.innerText || '').split('\\n').includes(name)) card = card.parentElement;
+            return card && p.querySelectorAll('.scatterlayer .trace .points path').length === n
+                && [...p.querySelectorAll('.scatterlayer path.js-line')].some(l => (l.getAttribute('d') || '').length > 10);
+        })""", arg=["val_accuracy", epochs])
+        picture("mlflow_run_metrics.png", height=650)
+
+        # the registry: both models, each with its champion
+        page.get_by_role("link", name="Model registry").first.click()
+        for ds in train:
+            row = page.get_by_role("row").filter(has_text=f"lip-vgg16-{ds}")
+            row.get_by_text("champion").first.wait_for()
+        picture("mlflow_models.png", height=400)
+
+        # the champion's version page: signature, description, the link to its training run
+        mv = client.get_model_version_by_alias("lip-vgg16-rafdb", "champion")
+        assert mv.tags["training_run_id"] == rafdb.info.run_id
+        page.get_by_role("link", name="lip-vgg16-rafdb", exact=True).first.click()
+        page.get_by_role("link", name=f"Version {mv.version}", exact=True).first.click()
+        page.get_by_text("Outputs (8)").first.wait_for()
+        page.get_by_text("Inputs (1)").first.wait_for()
+        page.get_by_text(f"Training run: {rafdb.info.run_id} ({rafdb.info.run_name})").first.wait_for()
+        picture("mlflow_model_version.png", height=1050)  # down to the signature
+        with ctx.expect_page() as opened:  # the description's link opens the run in a new tab
+            page.get_by_role("link", name=rafdb.info.run_id, exact=True).first.click()
+        run_page = opened.value
+        run_page.get_by_text(rafdb.info.run_name).first.wait_for(timeout=60_000)
+        assert f"/runs/{rafdb.info.run_id}" in run_page.url, run_page.url
+        assert not errors, errors
+    finally:
+        ctx.close()
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_runs_models_and_lineage(repro, browser, tmp_path):
+    """`mlflow server` on the store `dvc repro` wrote (127.0.0.1, a free port, ended by its PID's
+    process group whatever happens), walked in Chromium: see :func:`check_mlflow_ui`. Its
+    screenshots are the ones docs/mlflow.md shows."""
+    import mlflow
+
+    from conftest import free_port, start_server, stop_process_group
+
+    work, run = repro
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = start_server([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                           "--port", str(port), "--workers", "1", "--backend-store-uri", uri],
+                          env, tmp_path / "mlflow.log", ready_url=f"http://127.0.0.1:{port}/health")
+    try:
+        experiment = yaml.safe_load((work / "params.yaml").read_text())["mlflow"]["experiment"]
+        check_mlflow_ui(browser, f"http://127.0.0.1:{port}", mlflow.MlflowClient(uri), experiment,
+                        REPO / "docs")
+    finally:
+        stop_process_group(server)
+
+
 def _exp_rows(shown) -> list[dict]:
     """`dvc exp show --json` -> [{rev, name, accuracy}] for the baseline and its experiments."""
     rows = []

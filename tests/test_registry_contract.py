@@ -80,7 +80,9 @@ def test_version_has_description_and_tags(registered):
     assert "t," in text and str(registered["assets"]["parquet"]) in text and DATA_MD5 in text
     assert "0.5123" in text and "n=21" in text and "mean class accuracy 0.4100" in text
     train = registered["train"]  # the id of the run that trained it, found by its name
-    assert f"Training run: {train} (train_rafdb-0123456789)" in text and registered["run"] in text
+    exp = registered["client"].get_run(train).info.experiment_id  # a link to its page in the UI
+    assert f"Training run: [{train}](#/experiments/{exp}/runs/{train}) (train_rafdb-0123456789)" in text
+    assert registered["run"] in text
     assert mv.tags["data_version"] == DATA_MD5
     assert mv.tags["params_hash"] == R.params_hash(registered["ckpt"]["train_config"])
     assert len(mv.tags["params_hash"]) == 12 and mv.tags["training_run_id"] == train

@@ -105,8 +105,12 @@ def _checkpoint_meta(path: Path) -> dict:
 
 
 def describe(*, dataset: str, data: str | None, data_ver: str, metrics: dict, train_config: dict,
-             eval_run_id: str, params: str, model_config: dict | None = None) -> str:
-    """The version's description: dataset, test figures, training and evaluation runs."""
+             eval_run_id: str, params: str, model_config: dict | None = None,
+             experiment_id: str | None = None) -> str:
+    """The version's description: dataset, test figures, training and evaluation runs. The UI
+    renders it as Markdown and links the version only to the run that logged it (evaluation), so
+    the training run's id is a link to that run's page (a route relative to the UI, which works
+    under any host or prefix), given the experiment both runs are in."""
     tc = train_config or {}
     mc = {**tc, **(model_config or {})}
     acc = metrics.get("accuracy")
@@ -123,7 +127,8 @@ def describe(*, dataset: str, data: str | None, data_ver: str, metrics: dict, tr
             figs.append(f"n={metrics['n_test']}")
         lines.append("Test: " + ", ".join(figs) + ".")
     train = tc.get("mlflow_run_id")
-    lines.append(f"Training run: {train or UNKNOWN} ({tc.get('run_name') or 'name unknown'}), "
+    shown = f"[{train}](#/experiments/{experiment_id}/runs/{train})" if train and experiment_id else train
+    lines.append(f"Training run: {shown or UNKNOWN} ({tc.get('run_name') or 'name unknown'}), "
                  f"params hash {params}; evaluation run: {eval_run_id}.")
     lines.append("Input: an `image` column of base64-encoded JPEG/PNG faces; output: `label` and "
                  "one probability per class.")
@@ -241,7 +246,8 @@ def log_and_register_model(run_id: str, checkpoint_path: str | os.PathLike, *, r
     c.update_model_version(registered_name, str(version), description=describe(
         dataset=dataset, data=None if data is None else str(data), data_ver=data_ver,
         metrics={"accuracy": acc, **(metrics or {})}, train_config=tc, eval_run_id=run_id,
-        params=params, model_config=meta.get("model_config")))
+        params=params, model_config=meta.get("model_config"),
+        experiment_id=c.get_run(run_id).info.experiment_id))
     current = champion(registered_name)
     if current is None or math.isnan(current[1]) or acc > current[1]:
         c.set_registered_model_alias(registered_name, CHAMPION, str(version))
