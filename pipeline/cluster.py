@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any
 
-from pipeline import LOG_LEVEL
+from pipeline import LOG_LEVEL, ray_workarounds
 from pipeline.workers import default_workers
 from pipeline.errors import FerError
 
@@ -33,9 +33,7 @@ def ensure_ray(num_cpus: float = 0) -> bool:
         ray.init(address=address, runtime_env=runtime_env, **quiet)
         where = f"joined the Ray cluster at {address}"
     else:
-        # Ray Train's preemption watcher follows nodes being drained on a cluster; on a private
-        # one-machine instance there is none to drain, and it only logs a core_worker error.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray_workarounds.no_preemption_watcher_on_one_machine()
         ray.init(address="local", num_cpus=max(default_workers(), math.ceil(num_cpus)),
                  include_dashboard=False, runtime_env=runtime_env, **quiet)
         where = "started a private local Ray instance (set RAY_ADDRESS to join a cluster)"

@@ -14,7 +14,11 @@ and this pin moved with it.
    peer before Ray restarts the group (``PeerFailureFilter``, installed in every process of the
    job by Ray's ``worker_process_setup_hook`` = ``one_line_peer_failures``).
 4. **Lines printed twice in a worker**: Ray Train V2 patches ``print`` to tee into its logger
-   (``say`` writes to stdout directly).
+   (``say`` writes to stdout directly); its per-report INFO lines also reach the console through
+   the root logger (``quiet_ray_train_logger``, in the face-set loop).
+5. **Ray Train's preemption watcher on one machine**: it follows nodes being drained; a private
+   one-machine instance has none, and the watcher only logs a core_worker error
+   (``no_preemption_watcher_on_one_machine``, before a private ``ray.init``).
 
 The placement-group workaround in detail:
 
@@ -112,6 +116,17 @@ def say(msg: str) -> None:
     """Print once from a Ray Train worker (``print`` there shows every line twice)."""
     sys.stdout.write(msg + "\n")
     sys.stdout.flush()
+
+
+def quiet_ray_train_logger(level: str) -> None:
+    logging.getLogger("ray.train").setLevel(level)
+
+
+# --------------------------------------------------------------------------- 5. preemption watcher
+
+
+def no_preemption_watcher_on_one_machine() -> None:
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # --------------------------------------------------------------------------- 1. placement groups

@@ -155,8 +155,9 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
-#: MLflow 3's UI picks its view per experiment from this tag: without it a new experiment may
-#: open on the GenAI traces page, with the Models link hidden; ours are model-training ones.
+#: Records that ours are model-training experiments (MLflow's own tag for it). MLflow 3.17.2's UI
+#: does not read it: the UI opens in its GenAI view until the user clicks "Model training" once
+#: (the browser remembers it), as docs/mlflow.md says and the browser test does.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 

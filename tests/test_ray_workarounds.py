@@ -24,7 +24,8 @@ def test_no_other_module_works_around_ray():
     """What the workarounds patch (Ray's placement-group cleaner, its log records, its print)
     is touched nowhere else in the package."""
     patterns = [r"PlacementGroupCleanerCallback", r"\(logging\.Filter\)", r"def _?say\(",
-                r"train/v2/_internal/execution/context|\"context\.py\""]
+                r"train/v2/_internal/execution/context|\"context\.py\"", r"PREEMPTION_WATCHER",
+                r"getLogger\(\"ray\.train\"\)"]
     for f in (ROOT / "pipeline").rglob("*.py"):
         if f.name != "ray_workarounds.py":
             text = f.read_text()

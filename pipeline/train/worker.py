@@ -31,9 +31,8 @@ __all__ = ["CONFIG_FILE", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import logging
-
     from pipeline import LOG_LEVEL
+    from pipeline.ray_workarounds import quiet_ray_train_logger
     from pipeline.data.loader import load_split
     from pipeline.train.imbalance import make_batches, make_criterion
     from pipeline.train.progress import step_reporter
@@ -41,8 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     w = WorkerConfig.from_loop(config)
     run = w.run
     rank, world, device, amp, channels_last = setup_worker(w)
-    # Ray Train's per-report INFO lines reach the console through the root logger too
-    logging.getLogger("ray.train").setLevel(LOG_LEVEL)
+    quiet_ray_train_logger(LOG_LEVEL)
     seed = int(run.seed)
 
     # ---- data: this worker's shard of train and val, kept on the device as uint8
