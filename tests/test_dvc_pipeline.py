@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -387,9 +388,18 @@ def test_a_failed_or_refused_stage_keeps_every_previous_output(repro, tmp_path):
             p[sec][key] = v
         params_file.write_text(yaml.safe_dump(p, sort_keys=False))
 
+    store = work / "mlflow.db"
+    store_bytes = store.read_bytes()
+    epochs = yaml.safe_load(original)["train_rafdb"]["epochs"]
+
+    def damaged_store():  # a training stage that must run, and a store cut in half
+        with_params(**{"train_rafdb.epochs": epochs + 1})
+        store.write_bytes(store_bytes[: len(store_bytes) // 2])
+
     cases = [  # (name, set-up, command, what the stage's line must name)
         ("negative epochs", lambda: with_params(**{"train_rafdb.epochs": -1}), ["dvc", "repro"],
          "train_rafdb.epochs"),
+        ("damaged mlflow.db", damaged_store, ["dvc", "repro"], "mlflow.db"),
         ("dvc exp run -S epochs=abc", lambda: None,
          ["dvc", "exp", "run", "-S", "train_rafdb.epochs=abc", "evaluate@rafdb"], "train_rafdb.epochs"),
         ("dataset path is a file", lambda: with_params(**{"datasets.rafdb": str(as_file)}), ["dvc", "repro"],
@@ -401,6 +411,9 @@ def test_a_failed_or_refused_stage_keeps_every_previous_output(repro, tmp_path):
         setup()
         r = run(*cmd, timeout=600)
         params_file.write_text(original)
+        damaged = store.read_bytes() != store_bytes
+        store.write_bytes(store_bytes)
+        assert not damaged or name == "damaged mlflow.db", f"{name}: the store was rewritten"
         assert r.returncode != 0, f"{name}: {r.stdout[-1500:]}"
         assert "Traceback" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
         ours = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
@@ -409,3 +422,31 @@ def test_a_failed_or_refused_stage_keeps_every_previous_output(repro, tmp_path):
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         assert not changed, f"{name}: outputs changed or lost: {changed[:10]}"
     assert run("dvc", "status").returncode == 0
+
+    # Ctrl-C in the middle of training (SIGINT to dvc's process group, as a terminal sends it)
+    with_params(**{"train_rafdb.epochs": epochs + 1})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and "epoch 1/" not in log.read_text():
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the stage ended before it was interrupted: {log.read_text()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    params_file.write_text(original)
+    assert proc.returncode != 0, log.read_text()[-2000:]
+    after = _output_hashes(work)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"Ctrl-C: outputs changed or lost: {changed[:10]}"
+    assert run("dvc", "status").returncode == 0  # DVC's lock is released
