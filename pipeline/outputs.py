@@ -1,11 +1,13 @@
 """The output-folder contract every stage keeps: an output is replaced only if the project wrote
 it (its marker), under a lock naming the writer's PID, written beside it and swapped in whole at
-the end, so that a failed, refused or killed run leaves the previous output as it was."""
+the end, so that a failed, refused or killed run leaves the previous output as it was; and the
+sha256 that tells a written file whole (checkpoints, exported and registered models)."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +18,15 @@ from pipeline.errors import FerError
 
 #: Written into every output folder the project creates; a folder holding it may be replaced.
 MARKER = ".fer-output.json"
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (checkpoints and exported models are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def umask_mode(mode: int = 0o777) -> int:

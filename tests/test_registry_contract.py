@@ -114,7 +114,7 @@ def test_fer_export_log_puts_the_onnx_beside_the_version(registered, tmp_path, c
     import mlflow.artifacts
 
     from pipeline.cli import main
-    from pipeline.infer.resolve import sha256_file
+    from pipeline.outputs import sha256_file
 
     out = tmp_path / "m.onnx"
     assert main(["export", "--onnx", str(out), "--model", f"models:/{NAME}@champion", "--log"]) == 0

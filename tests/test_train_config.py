@@ -163,4 +163,4 @@ def test_progress_bar_only_on_a_terminal_unless_forced(monkeypatch):
         monkeypatch.setenv("FER_PROGRESS", "1")
         assert progress.wanted() is True
         monkeypatch.delenv("FER_PROGRESS")
-    assert progress.EpochBar(enabled=False).start().config() == {}  # no queue, no Ray needed
+    assert progress.EpochBar(enabled=False).start().queue is None  # no queue, no Ray needed

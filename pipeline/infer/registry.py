@@ -20,7 +20,8 @@ from pathlib import Path
 import pipeline
 from pipeline.errors import FerError
 from pipeline.infer.pyfunc import FerPyfunc
-from pipeline.infer.resolve import SHA_KEY, sha256_file
+from pipeline.infer.resolve import SHA_KEY
+from pipeline.outputs import sha256_file
 from pipeline.tracking import client, git_commit, using_store
 
 CHAMPION = "champion"

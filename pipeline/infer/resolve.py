@@ -12,7 +12,6 @@ as MLflow itself does.)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import shutil
 import sys
@@ -23,18 +22,11 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from pipeline.errors import FerError
+from pipeline.outputs import sha256_file
 
 #: ``MLmodel`` metadata key holding the checkpoint's sha256 (written by registry.log_model).
 SHA_KEY = "fer_checkpoint_sha256"
 _LOGGED_MODEL_ID = re.compile(r"^models:/(m-[0-9a-f]{32})/?$")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:

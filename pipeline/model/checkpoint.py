@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.outputs import write_file_atomic
+from pipeline.outputs import sha256_file, write_file_atomic
 from pipeline.errors import FerError
 
 STATE_FILE = "state.pt"
@@ -201,12 +201,7 @@ def damage(folder) -> str | None:
     for f in sorted(folder.glob("*.pt")):
         sums = f.with_name(f.name + CHECKSUM_SUFFIX)
         if sums.is_file():
-            want = sums.read_text().strip()
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != want:
+            if sha256_file(f) != sums.read_text().strip():
                 return f"{f.name} does not match its checksum (a torn write)"
         else:
             try:

@@ -43,12 +43,6 @@ class TrainConfig(TrainRun):
         return out
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], training: str | dict[str, Any], *overlays: dict[str, Any],
-                    **fields: Any) -> "TrainConfig":
-        """:meth:`options` plus ``fields`` (paths, run name), validated."""
-        return cls(**{**cls.options(params, training, *overlays), **fields})
-
-    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         if not isinstance(d, dict):
             raise FerError(f"training config must be a mapping, got {type(d).__name__}")

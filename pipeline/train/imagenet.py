@@ -76,10 +76,9 @@ def imagenet_loop_per_worker(config: dict) -> None:
 
     from pipeline.data.loader import normalize
     from pipeline.ray_workarounds import say
+    from pipeline.train.config import WorkerConfig
     from pipeline.train.steps import (all_reduce, build_model, cpu_state, end_epoch, epoch_logger, maybe_fail,
                                       resume, setup_worker, sync_buffers, train_epoch)
-
-    from pipeline.train.config import WorkerConfig
 
     w = WorkerConfig.from_loop(config)
     run = w.run

@@ -51,8 +51,13 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> Path | None:
     storage)."""
     if _is_uri(storage_path):
         return None
-    run = Path(storage_path) / run_name
-    dirs = sorted((p for p in run.glob("epoch_*") if checkpoint.has_state(p)), reverse=True)
+    return _newest_intact(Path(storage_path) / run_name)
+
+
+def _newest_intact(run: Path, before: str | None = None) -> Path | None:
+    """The newest `epoch_NNNN` folder of ``run`` (older than ``before`` if given) that is intact."""
+    dirs = sorted((p for p in run.glob("epoch_*") if (before is None or p.name < before) and checkpoint.has_state(p)),
+                  reverse=True)
     return next((d for d in dirs if checkpoint.damage(d) is None), None)
 
 
@@ -88,8 +93,7 @@ def plan_resume(storage: str, run_name: str) -> tuple[Path | None, str | None]:
     why = checkpoint.damage(run / latest)
     if why is None:
         return run / latest, None
-    older = sorted((p for p in run.glob("epoch_*") if p.name < latest and checkpoint.has_state(p)), reverse=True)
-    return next((d for d in older if checkpoint.damage(d) is None), None), f"checkpoint {latest} is damaged ({why})"
+    return _newest_intact(run, before=latest), f"checkpoint {latest} is damaged ({why})"
 
 
 def set_aside(run_name: str, resumed: Path | None, why: str, run: Path) -> Path | None:
@@ -159,14 +163,14 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
     cpw = planned_cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
     ensure_ray(cfg.num_workers * cpw + 1)  # enough logical CPUs, one left over
     res = worker_resources(cfg.use_gpu, cfg.num_workers, cfg.cpus_per_worker)
-    worker = WorkerConfig(
-        run=cfg.model_copy(update={"data": str(data), "init": init}), network=cfg.network(),
-        train_config=cfg.to_dict(), torch_threads=max(1, int(res["cpus_per_worker"])),
-        tracking_uri=tracking_uri(), resume_from=str(seed) if seed else None, **(worker_options or {}))
     bar = EpochBar(enabled=None if train_loop is None else False).start()  # the face-set loop's steps
     own_pg_file = None
     try:  # the bar's thread and queue actor end with the run, however it ends
-        loop_config = {**worker.to_loop(), **bar.config()}
+        worker = WorkerConfig(
+            run=cfg.model_copy(update={"data": str(data), "init": init}), network=cfg.network(),
+            train_config=cfg.to_dict(), torch_threads=max(1, int(res["cpus_per_worker"])),
+            tracking_uri=tracking_uri(), resume_from=str(seed) if seed else None,
+            progress_queue=bar.queue, **(worker_options or {}))
         if pg_file is None and ray_workarounds.needed():
             fd, own_pg_file = tempfile.mkstemp(prefix="fer-pg-", suffix=".txt")
             os.close(fd)
@@ -175,7 +179,7 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
         trainer = ray_workarounds.trainer_class(pg_file or own_pg_file)(
             train_loop or train_loop_per_worker,
             **({"datasets": datasets} if datasets is not None else {}),
-            train_loop_config=loop_config,
+            train_loop_config=worker.to_loop(),
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res["use_gpu"],
                                          resources_per_worker={"CPU": res["cpus_per_worker"],
                                                                **({"GPU": 1} if res["use_gpu"] else {})}),

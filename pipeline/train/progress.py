@@ -13,10 +13,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any
-
-KEY = "progress_queue"  # the worker config's entry
-
 
 def wanted() -> bool:
     forced = os.environ.get("FER_PROGRESS", "").strip()
@@ -26,16 +22,14 @@ def wanted() -> bool:
 
 
 class EpochBar:
-    """Driver side: ``bar.start()``, pass ``bar.config()`` into the worker config, ``bar.close()``."""
+    """Driver side: ``bar.start()``, hand ``bar.queue`` to the workers (``WorkerConfig.progress_queue``;
+    None when no bar is drawn), ``bar.close()``."""
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = wanted() if enabled is None else enabled
         self.queue = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def config(self) -> dict[str, Any]:
-        return {KEY: self.queue} if self.queue is not None else {}
 
     def start(self) -> "EpochBar":
         if self.enabled:
