@@ -208,6 +208,48 @@ def test_lip2d_bounded_gradcheck_float64():
     assert torch.autograd.gradcheck(lip2d_bounded, (x, lg))
 
 
+@pytest.mark.parametrize("k,shape", [(2, (2, 3, 7, 9)), (3, (1, 2, 8, 7))])
+def test_lip2d_bounded_hand_written_gradient_is_autograds(k, shape):
+    """The training path's hand-written backward (odd sizes: rows no window covers get 0) against
+    autograd through the plain formula, and against finite differences."""
+    from pipeline.model.lip import BoundedLIPFunction
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    lg = (torch.rand(*shape, dtype=torch.float64, generator=g) * 12).requires_grad_()
+    up = torch.randn(shape[0], shape[1], shape[2] // k, shape[3] // k, dtype=torch.float64, generator=g)
+    w = torch.exp(lg)
+    plain = F.avg_pool2d(x * w, k) / F.avg_pool2d(w, k)
+    want = torch.autograd.grad(plain, (x, lg), up)
+    out = BoundedLIPFunction.apply(x, lg, k)
+    got = torch.autograd.grad(out, (x, lg), up)
+    assert torch.equal(out, plain)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: BoundedLIPFunction.apply(a, b, k), (x, lg))
+
+
+def test_logit_module_norm_is_instance_norm():
+    """`InstanceNorm` (GroupNorm, one channel a group) normalises as nn.InstanceNorm2d(affine) does,
+    forward and backward, and loads its state dict: checkpoints from before it load unchanged."""
+    from pipeline.model.lip import InstanceNorm
+
+    torch.manual_seed(0)
+    ref = nn.InstanceNorm2d(6, affine=True)
+    with torch.no_grad():
+        ref.weight.normal_(), ref.bias.normal_()
+    ours = InstanceNorm(6)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 6, 9, 11, requires_grad=True)
+    up = torch.randn(3, 6, 9, 11)
+    a, b = ref(x), ours(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    ga = torch.autograd.grad(a, (x, ref.weight), up)
+    gb = torch.autograd.grad(b, (x, ours.weight), up)
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, atol=1e-4)
+
+
 def test_lip_pool_keeps_the_shift_for_fp16():
     torch.manual_seed(0)
     m = lip_vgg16(width=0.125).features[6]  # the first LIPPool2d

@@ -9,6 +9,12 @@ whatever the logits (the naive formula overflows fp16 at logits above ~11).
 avg_pool(x e^G) / avg_pool(e^G) cannot overflow in fp32 or bf16 (e^12 ~ 1.6e5) and is as exact
 (tests/test_model.py bounds both against float64); it is faster on CPU (bench/lip.py), so the
 pool uses it wherever the logits are not fp16 and keeps the shifted form for fp16.
+
+Two forms make LIP cost closer to its FLOPs on the CPU (bench/lip.py breaks the step down): the
+bounded pool's backward is written by hand (`BoundedLIPFunction`: three full-resolution passes instead of
+autograd's five), and the logit module's InstanceNorms run as GroupNorm with one channel per group
+(`InstanceNorm`: the same normalisation and parameter names, so checkpoints load either way; PyTorch's
+CPU InstanceNorm reshapes to a batch norm over N*C channels, 2-3x slower for the module's few channels).
 """
 from __future__ import annotations
 
@@ -36,8 +42,54 @@ def lip2d_bounded(x: torch.Tensor, logits: torch.Tensor, kernel_size: int = 2, s
     """The naive form, for logits known to lie in [0, SoftGate.COEFF] and not fp16: no shift."""
     if x.shape != logits.shape:
         raise ValueError(f"lip2d: x {tuple(x.shape)} and logits {tuple(logits.shape)} differ")
+    if kernel_size == stride and padding == 0 and torch.is_grad_enabled() \
+            and (x.requires_grad or logits.requires_grad) and not torch.jit.is_tracing():
+        return BoundedLIPFunction.apply(x, logits, kernel_size)
     w = torch.exp(logits)
     return F.avg_pool2d(x * w, kernel_size, stride, padding) / F.avg_pool2d(w, kernel_size, stride, padding)
+
+
+class BoundedLIPFunction(torch.autograd.Function):
+    """`lip2d_bounded` over disjoint k x k windows with its gradient written out.
+
+    With w = e^G, S = sum(w) and O = sum(I w) / S over a window, dO/dI_i = w_i / S and
+    dO/dG_i = w_i (I_i - O) / S: both are one broadcast of the window's g / S against w, so the
+    backward is three passes over the full-resolution tensors and keeps no x * w product. Used for
+    training only (grad enabled); inference and export take the plain ops, which give the same forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, logits, k):
+        n, c, h, w = x.shape
+        ho, wo = h // k, w // k
+        xc, lc = x[:, :, : ho * k, : wo * k], logits[:, :, : ho * k, : wo * k]
+        e = torch.exp(lc)
+        den = F.avg_pool2d(e, k)
+        out = F.avg_pool2d(xc * e, k) / den
+        ctx.save_for_backward(xc, e, out, den)
+        ctx.k, ctx.hw = k, (h, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, e, out, den = ctx.saved_tensors
+        k, (h, w) = ctx.k, ctx.hw
+        n, c, ho, wo = out.shape
+        gs = (g / den).mul_(1.0 / (k * k)).view(n, c, ho, 1, wo, 1)
+        gx = e.reshape(n, c, ho, k, wo, k) * gs
+        gl = gx * (xc.reshape(n, c, ho, k, wo, k) - out.view(n, c, ho, 1, wo, 1))
+        gx, gl = gx.view(n, c, ho * k, wo * k), gl.view(n, c, ho * k, wo * k)
+        if (h, w) != (ho * k, wo * k):  # floor mode: the rows and columns no window covers get 0
+            pad = (0, w - wo * k, 0, h - ho * k)
+            gx, gl = F.pad(gx, pad), F.pad(gl, pad)
+        return gx, gl, None
+
+
+class InstanceNorm(nn.GroupNorm):
+    """InstanceNorm2d(affine=True) as GroupNorm with one channel per group (see the module doc)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels)
 
 
 def _lip2d_disjoint(x: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,13 +133,13 @@ class LIPLogit(nn.Module):
         if norm:
             self.body = nn.Sequential(
                 nn.Conv2d(channels, r, 1, bias=False),
-                nn.InstanceNorm2d(r, affine=True),
+                InstanceNorm(r),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(r, r, 3, padding=1, bias=False),
-                nn.InstanceNorm2d(r, affine=True),
+                InstanceNorm(r),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(r, channels, 1, bias=False),
-                nn.InstanceNorm2d(channels, affine=True),
+                InstanceNorm(channels),
                 SoftGate(),
             )
         else:  # `lip_norm: false`: no InstanceNorms (they are most of the module's CPU time)
