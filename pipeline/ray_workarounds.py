@@ -19,6 +19,13 @@ and this pin moved with it.
 5. **Ray Train's preemption watcher on one machine**: it follows nodes being drained; a private
    one-machine instance has none, and the watcher only logs a core_worker error
    (``no_preemption_watcher_on_one_machine``, before a private ``ray.init``).
+6. **A user error inside a worker is retried and printed as a traceback**: Ray Train's
+   ``DefaultFailurePolicy`` retries every worker-group error up to ``max_failures`` (it has no
+   notion of an error that will fail the same way again), and each worker logs "Error in training
+   function" with the whole traceback. Our own :class:`~pipeline.errors.FerError` (bad data, a bad
+   setting: deterministic) fails the run at once (``UserErrorsFailAtOnce``, through the trainer
+   ``trainer_class`` returns) and its worker log record is dropped (``PeerFailureFilter``): the
+   driver prints its one line (``user_error``). Bugs keep their traceback and their retries.
 
 The placement-group workaround in detail:
 
@@ -82,6 +89,8 @@ class PeerFailureFilter(logging.Filter):
             record.msg = f"{record.getMessage()} [{type(exc).__name__}: {'; '.join(why) or str(exc)[:200]}]"
         else:
             text = record.getMessage()
+            if text.startswith("Error in training function") and USER_ERROR.search(text):
+                return False  # workaround 6: the driver prints the FerError's line
             if not (text.startswith("Error in training function") and PEER_GONE.search(text)):
                 return True
             last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
@@ -93,6 +102,10 @@ class PeerFailureFilter(logging.Filter):
 #: What a collective raises in the survivors when a peer process or its node died (gloo, NCCL).
 PEER_GONE = re.compile(r"Connection (reset|closed) by peer|NCCL communicator was aborted"
                         r"|remote process exited or there was a network error")
+
+
+#: The last line of a worker traceback that ends in our own user-facing error.
+USER_ERROR = re.compile(r"^pipeline\.errors\.FerError: ", re.M)
 
 
 def one_line_peer_failures() -> None:
@@ -129,6 +142,34 @@ def no_preemption_watcher_on_one_machine() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# --------------------------------------------------------------------------- 6. user errors
+
+
+def user_error(e: BaseException) -> str | None:
+    """The FerError line a worker failed with (``e`` from ``trainer.fit()``), or None."""
+    from pipeline.errors import FerError
+
+    for failure in (getattr(e, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)  # UserExceptionWithTraceback wraps it
+        if isinstance(base, FerError):
+            return str(base)
+    return None
+
+
+def _user_errors_fail_at_once():
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+
+    class UserErrorsFailAtOnce(DefaultFailurePolicy):
+        """Ray's policy, but a worker's FerError is raised, not retried: it would fail again."""
+
+        def make_decision(self, training_failed_error):
+            if user_error(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return UserErrorsFailAtOnce
+
+
 # --------------------------------------------------------------------------- 1. placement groups
 
 
@@ -154,12 +195,19 @@ def needed() -> bool:
 
 
 def trainer_class(pg_file: str | None):
-    """``TorchTrainer``, or (``pg_file`` given) a subclass that records its placement groups
-    there instead of starting Ray's cleaner."""
+    """``TorchTrainer`` whose worker FerErrors fail at once (workaround 6), and (``pg_file``
+    given) that records its placement groups there instead of starting Ray's cleaner."""
     from ray.train.torch import TorchTrainer
 
+    policy = _user_errors_fail_at_once()
+
+    class FailAtOnceTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
     if not pg_file:
-        return TorchTrainer
+        return FailAtOnceTorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class _Record(PlacementGroupCleanerCallback):
@@ -174,7 +222,7 @@ def trainer_class(pg_file: str | None):
             with open(pg_file, "a") as f:
                 f.write(pg.id.hex() + "\n")
 
-    class RecordingTorchTrainer(TorchTrainer):
+    class RecordingTorchTrainer(FailAtOnceTorchTrainer):
         def _create_default_callbacks(self):
             return [_Record() if type(c) is PlacementGroupCleanerCallback else c
                     for c in super()._create_default_callbacks()]

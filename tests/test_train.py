@@ -57,9 +57,9 @@ def tiny(tmp_path_factory):
 def ray_local():
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from pipeline.cluster import ensure_ray
+
+    started = ensure_ray(2)  # as the stages start it: 2 CPUs here, Ray's log filters installed
     yield ray
     if started:
         ray.shutdown()
@@ -141,6 +141,23 @@ def test_worker_failure_recovers_from_checkpoint(failed_run):
     assert ckpts == ["epoch_0002", "epoch_0003"]
     assert {p.name for p in (tmp_path / "ray" / "fail" / "epoch_0003").iterdir()} >= {
         "state.pt", "rng_rank0.pt", "rng_rank1.pt", "train_config.json"}
+
+
+def test_a_workers_user_error_fails_the_run_at_once_in_one_line(tiny, tmp_path, ray_local, capfd):
+    """A FerError in a worker (bad data, a bad setting) would fail the same way again: it is not
+    retried although max_failures allows it (the hook fails once only, so a retry would succeed),
+    the driver raises its line without "rerun to resume", and no worker traceback is printed."""
+    marker = tmp_path / "told_once"
+    cfg = _cfg(tiny, tmp_path, epochs=2, run_name="user-error", max_failures=1, num_workers=1, **CONSTANT_LR)
+    with pytest.raises(FerError) as err:
+        run_training(cfg, worker_options={"fail_at_epoch": 1, "fail_rank": 0, "fail_as": "user",
+                                          "fail_marker": str(marker)})
+    assert marker.exists()
+    assert str(err.value) == "injected user error at epoch 1 on rank 0"
+    out = capfd.readouterr()
+    printed = out.err + out.out
+    assert "Traceback" not in printed and "Error in training function" not in printed, printed[-3000:]
+    assert not (tmp_path / "out" / "model.pt").exists()
 
 
 def test_interrupted_run_resumes_on_rerun(resumed_run, tiny):

@@ -84,6 +84,7 @@ class WorkerConfig:
     fail_at_epoch: int | None = None
     fail_rank: int = 0
     fail_marker: str | None = None
+    fail_as: str = "bug"  # "bug": a RuntimeError (retried); "user": a FerError (fails the run at once)
     # imagenet_init's streamed loop
     freeze: bool = False
     steps_per_epoch: int = 0

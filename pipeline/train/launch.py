@@ -7,7 +7,8 @@ Resuming: Ray Train V2 keeps a checkpoint-manager snapshot under `storage_path/r
 `TorchTrainer(...).fit()` with the same `RunConfig(name, storage_path)` loads it and hands the
 latest checkpoint to the workers through `ray.train.get_checkpoint()`, so a rerun (after a crash,
 Ctrl-C, or with more epochs) continues after the last finished epoch. Worker failures inside one
-fit are retried the same way, up to `FailureConfig(max_failures)`.
+fit are retried the same way, up to `FailureConfig(max_failures)`, except a worker's FerError
+(bad data or settings: it would fail again), which ends the run at once with its one line.
 """
 from __future__ import annotations
 
@@ -201,6 +202,9 @@ def fit(cfg: TrainConfig, *, callbacks=(), pg_file: str | None = None,
             placing = placement_failure(e)
             if placing:
                 raise FerError(f"training run {run_name!r} stopped: {placing}") from e
+            told = ray_workarounds.user_error(e)
+            if told:  # bad data or settings: the same again on a rerun, so no "rerun to resume"
+                raise FerError(told) from e
             msg = str(e).strip().splitlines()
             raise FerError(f"training run {run_name!r} failed: {msg[-1] if msg else type(e).__name__} "
                            f"(rerun to resume from the last checkpoint in {storage}/{run_name})") from e

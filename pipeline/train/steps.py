@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import FerError
 from pipeline.ray_workarounds import say
 from pipeline.train.config import TrainConfig, WorkerConfig
 
@@ -215,7 +216,8 @@ def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, w: WorkerConfig, *
 
 
 def maybe_fail(w: WorkerConfig, epoch: int, rank: int) -> None:
-    """Test hook: fail once at `fail_at_epoch` on `fail_rank`, remembered by a marker file."""
+    """Test hook: fail once at `fail_at_epoch` on `fail_rank`, remembered by a marker file, as a
+    bug (RuntimeError) or as a user error (FerError) per `fail_as`."""
     at, marker = w.fail_at_epoch, w.fail_marker
     if at is None or epoch != at or rank != w.fail_rank:
         return
@@ -223,6 +225,8 @@ def maybe_fail(w: WorkerConfig, epoch: int, rank: int) -> None:
         return
     if marker:
         Path(marker).write_text(f"failed at epoch {epoch}\n")
+    if w.fail_as == "user":
+        raise FerError(f"injected user error at epoch {epoch} on rank {rank}")
     raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
 
 
