@@ -42,8 +42,9 @@ lock:
 repro: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
 
-# The README's results block and reports/{recipe,imbalance}.{json,md}, from the files each row
-# names (metrics/, reports/history_*.json, reports/runs/, reports/ablation.json): after `make repro`.
+# The README's results block, docs/results.md and reports/{recipe,imbalance,bf16_recipe}.{json,md},
+# from the files each row names (metrics/, reports/history_*.json, reports/runs/,
+# reports/ablation.json): after `make repro`.
 results: $(VENV)/.installed
 	$(PY) scripts/results.py
 

@@ -1,4 +1,5 @@
-"""Write the README's results block and reports/{recipe,imbalance}.{json,md} from the runs they name.
+"""Write the README's results block, docs/results.md and reports/{recipe,imbalance,bf16_recipe}.{json,md}
+from the runs they name.
 
     python scripts/results.py            # or: make results
 
@@ -15,13 +16,17 @@ Reads, and only reads:
   seeds (`scripts/pipeline_seeds.py`), shown with seed 0's as mean ± sample std;
 * `reports/ablation.json` — `fer ablation`, when it has been run.
 
-and rewrites the part of README.md between the two markers below. No figure is typed by hand: a
-file that is missing makes its row say so.
+It rewrites the part of README.md between the two markers below with the compact results (the
+embedded default's figures, the default over training seeds, the ablation) and a link to
+docs/results.md, which it writes whole: the full study (those, the recipe comparison, rare classes,
+LIP vs max pooling, the cause study, fp32 vs bf16 and the command behind every run). No figure is
+typed by hand: a file that is missing makes its row say so.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -228,20 +233,20 @@ def default_block(classes: list[str]) -> list[str]:
         if per:
             lines.append(f"| {name}, per-class test accuracy (ten-crop) | "
                          + ", ".join(f"{c} {100 * v:.0f}%" for c, v in per.items())
-                         + f" | `metrics/eval_{ds}.json` |")
+                         + f" | `metrics/eval_{ds}.json` (`make repro`) |")
         h = hist[ds]
         if h:
             b = max(h, key=lambda r: r["val_accuracy"])
             lines.append(
                 f"| {name}, best val accuracy (centre crop) / final train accuracy | {100 * b['val_accuracy']:.1f}% "
                 f"(epoch {b['epoch']} of {len(h)}) / {100 * h[-1]['train_accuracy']:.1f}% "
-                f"| `reports/history_{ds}.json` |")  # times are the session's: MLflow, not the file
+                f"| `reports/history_{ds}.json` (`make repro`) |")  # times are the session's: MLflow, not the file
     counts = (ing.get("class_counts") or {}).get("train")
     if counts:
         n = sum(counts.values())
         lines.append("| RAF-DB-layout train split, class shares | "
                      + ", ".join(f"{c} {100 * v / n:.0f}%" for c, v in counts.items())
-                     + " | `reports/ingest_rafdb.json` |")
+                     + " | `reports/ingest_rafdb.json` (`make repro`) |")
     return lines
 
 
@@ -351,13 +356,25 @@ def precision_verdict(summ: dict) -> str:
             "write other figures than every other machine.")
 
 
-def main() -> None:
+DOCS_TITLE = "# Results: the full study"
+DOCS_NOTE = ("Written by `make results` (`scripts/results.py`) from the files each row names; do not edit: "
+             "rerun `make results`.")
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="the file whose results block is rewritten")
+    p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), help="the full study, written whole")
     p.add_argument("--runs", default=str(ROOT / "reports" / "runs"))
-    a = p.parse_args()
+    p.add_argument("--reports", default=str(ROOT / "reports"),
+                   help="where reports/{recipe,imbalance,bf16_recipe}.{json,md} go")
+    a = p.parse_args(argv)
     from pipeline.data.classes import CLASSES
 
+    readme, docs, reports = Path(a.readme), Path(a.docs), Path(a.reports)
+    text = readme.read_text()
+    if not (BEGIN in text and END in text):  # checked before anything is written
+        raise SystemExit(f"{readme}: markers not found; put these two lines where the block goes:\n{BEGIN}\n{END}")
     classes = list(CLASSES)
     runs = load_runs(Path(a.runs))
     rec_lines, rec = table(RECIPE, runs, classes)
@@ -372,19 +389,19 @@ def main() -> None:
            "the test split only reports. Figures: mean ± sample std over seeds where there are several; "
            "a difference is *beyond noise* at p < 0.05 (Welch's t over seeds), with one seed the noise is "
            "unknown.")
-    (ROOT / "reports").mkdir(exist_ok=True)
-    (ROOT / "reports" / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool, "lip_cause": cause,
-                                                              "lip_cause_60": cause60}, indent=1))
-    (ROOT / "reports" / "bf16_recipe.json").write_text(json.dumps({"runs": prec}, indent=1))
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool, "lip_cause": cause,
+                                                     "lip_cause_60": cause60}, indent=1))
+    (reports / "bf16_recipe.json").write_text(json.dumps({"runs": prec}, indent=1))
     prec_md = ["# fp32 vs bf16 autocast on the CPU, the default recipe", "", how, "", *prec_lines, "",
                precision_verdict(prec), ""]
-    (ROOT / "reports" / "bf16_recipe.md").write_text("\n".join(prec_md) + "\n")
-    (ROOT / "reports" / "imbalance.json").write_text(json.dumps({"runs": imb, "verdict": verdict,
-                                                                 "max_accuracy_drop": MAX_ACC_DROP}, indent=1))
+    (reports / "bf16_recipe.md").write_text("\n".join(prec_md) + "\n")
+    (reports / "imbalance.json").write_text(json.dumps({"runs": imb, "verdict": verdict,
+                                                        "max_accuracy_drop": MAX_ACC_DROP}, indent=1))
     decision = f"Decision: {verdict.get('winner') or 'no change of default'} — {verdict['reason']}."
     pool_verdict = pooling_verdict(pool)
     imb_md = ["# Rare classes on the RAF-DB-layout synthetic set", "", how, "", *imb_lines, "", decision]
-    (ROOT / "reports" / "imbalance.md").write_text("\n".join(imb_md) + "\n")
+    (reports / "imbalance.md").write_text("\n".join(imb_md) + "\n")
     rec_md = ["# Recipe comparison on the RAF-DB-layout synthetic set", "", how, "", *rec_lines, "",
               "## LIP vs max pooling on the default recipe", "", *pool_lines, "", pool_verdict, "",
               "## Why LIP learned slowly: the cause study (30 epochs)", "", *cause_lines, "",
@@ -392,30 +409,34 @@ def main() -> None:
               "Runs made on different machines are mixed in these tables (the older files on the machine "
               "that made the committed figures, the newer ones on an AMD EPYC with AVX-512; "
               "`cpu_kernels` in the newer files): the seeds differ by far more than the kernels do.", ""]
-    (ROOT / "reports" / "recipe.md").write_text("\n".join(rec_md) + "\n")
+    (reports / "recipe.md").write_text("\n".join(rec_md) + "\n")
 
-    block = [BEGIN, "", "### The embedded default (synthetic faces, CPU)", "", *default_block(classes), "",
-             "### The embedded default over training seeds", "", *seed_block(pipeline_seeds()), "",
-             "### Recipe comparison (`reports/recipe.md`)", "", how, "", *rec_lines, "",
-             "### Rare classes (`reports/imbalance.md`)", "", *imb_lines, "",
-             decision, "",
-             "### LIP vs max pooling on the default recipe (`reports/recipe.md`)", "", *pool_lines, "",
-             pool_verdict, "",
-             "### Why LIP learned slowly (`reports/recipe.md`)", "", *cause_lines, "", *cause60_lines, "",
-             "### fp32 vs bf16 autocast on the CPU (`reports/bf16_recipe.md`)", "", *prec_lines, "",
-             precision_verdict(prec), "",
-             "The runs, each reproduced by (after `dvc repro ingest@rafdb imagenet_init`):", "",
-             *commands([n for _, n in RECIPE + IMBALANCE + POOLING + CAUSE + CAUSE60 + PRECISION], runs), "",
-             "### LIP vs VGG16-BN at the default size", "", *ablation_lines(), "", END]
-    readme = Path(a.readme)
-    text = readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + "\n".join(block) + rest.split(END, 1)[1]
-    else:
-        raise SystemExit(f"{readme}: markers not found; put these two lines where the block goes:\n{BEGIN}\n{END}")
-    readme.write_text(text)
-    print(f"wrote {readme} (results block), reports/recipe.{{json,md}}, reports/imbalance.{{json,md}}")
+    default = ["### The embedded default (synthetic faces, CPU)", "", *default_block(classes), ""]
+    seeds = ["### The embedded default over training seeds", "", *seed_block(pipeline_seeds()), ""]
+    ablation = ["### LIP vs VGG16-BN at the default size", "", *ablation_lines(), ""]
+    full = [*default, *seeds,
+            "### Recipe comparison (`reports/recipe.md`)", "", how, "", *rec_lines, "",
+            "### Rare classes (`reports/imbalance.md`)", "", *imb_lines, "",
+            decision, "",
+            "### LIP vs max pooling on the default recipe (`reports/recipe.md`)", "", *pool_lines, "",
+            pool_verdict, "",
+            "### Why LIP learned slowly (`reports/recipe.md`)", "", *cause_lines, "", *cause60_lines, "",
+            "### fp32 vs bf16 autocast on the CPU (`reports/bf16_recipe.md`)", "", *prec_lines, "",
+            precision_verdict(prec), "",
+            "The runs, each reproduced by (after `dvc repro ingest@rafdb imagenet_init`):", "",
+            *commands([n for _, n in RECIPE + IMBALANCE + POOLING + CAUSE + CAUSE60 + PRECISION], runs), "",
+            *ablation]
+    link = Path(os.path.relpath(docs, readme.parent)).as_posix()
+    block = [BEGIN, "", *default, *seeds, *ablation,
+             f"The full study — recipe comparison, rare classes, LIP vs max pooling, why LIP learned slowly, "
+             f"fp32 vs bf16, and the command behind every run: [{link}]({link}).", "", END]
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + "\n".join(block) + rest.split(END, 1)[1])
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    full = [line[1:] if line.startswith("### ") else line for line in full]  # under the page's own title
+    docs.write_text("\n".join([DOCS_TITLE, "", DOCS_NOTE, "", *full]).rstrip("\n") + "\n")
+    print(f"wrote {readme} (results block), {docs}, {reports}/recipe.{{json,md}}, "
+          f"{reports}/imbalance.{{json,md}}, {reports}/bf16_recipe.{{json,md}}")
 
 
 if __name__ == "__main__":

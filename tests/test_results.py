@@ -62,3 +62,49 @@ def test_pipeline_seed_rows_read_metrics_and_seed_copies(tmp_path):
     assert "82.0 ± 2.0 (n=3)" in raf and "b 30 ± 30" in raf and raf.endswith("| b |")
     # per seed against the issue's targets (ten-crop >= 80%, mean class >= 65%, no class at 0%)
     assert lines[-1].endswith("seed 0 meets them, seed 1 misses them (mean class 50.0%; b at 0%), seed 2 meets them.")
+
+
+def test_main_writes_the_compact_readme_block_and_the_full_docs_page(tmp_path):
+    """main() rewrites only the README's block, with the compact part and a link to the docs page,
+    and writes the docs page whole with the full study; the reports go where --reports says."""
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    reports, runs = tmp_path / "rep", tmp_path / "runs"
+    runs.mkdir()
+    for s in range(2):
+        _run(runs, "e45_base", s, 0.8 + s / 100, [1.0] * 6 + [0.5])
+    readme.write_text(f"# Title\n\nbefore\n\n{R.BEGIN}\nstale block\n{R.END}\n\nafter\n")
+    R.main(["--readme", str(readme), "--docs", str(docs), "--runs", str(runs), "--reports", str(reports)])
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n" + R.BEGIN) and text.endswith(R.END + "\n\nafter\n")
+    block = text.split(R.BEGIN, 1)[1].split(R.END, 1)[0]
+    assert "stale block" not in block
+    for heading in ("### The embedded default (synthetic faces, CPU)", "### The embedded default over training seeds",
+                    "### LIP vs VGG16-BN at the default size"):
+        assert heading in block
+    assert "Recipe comparison" not in block.split("The full study")[0] and "recipe_runs.py --data" not in block
+    assert "[docs/results.md](docs/results.md)" in block  # the link is relative to the README
+    page = docs.read_text()
+    assert page.startswith(R.DOCS_TITLE + "\n\n" + R.DOCS_NOTE + "\n") and "do not edit" in R.DOCS_NOTE
+    assert R.BEGIN not in page and R.END not in page
+    for heading in ("## The embedded default (synthetic faces, CPU)", "## Recipe comparison (`reports/recipe.md`)",
+                    "## Rare classes (`reports/imbalance.md`)", "## Why LIP learned slowly (`reports/recipe.md`)",
+                    "## fp32 vs bf16 autocast on the CPU (`reports/bf16_recipe.md`)",
+                    "## LIP vs VGG16-BN at the default size"):
+        assert heading in page
+    # the figures come from the run files: e45_base's two seeds in the rare-class table, its command listed
+    assert "| 0, 1 (3 epochs) | 80.5 ± 0.7 (n=2) |" in page
+    assert "--name e45_base --seeds 0 1" in page
+    for name in ("recipe", "imbalance", "bf16_recipe"):
+        assert (reports / f"{name}.json").is_file() and (reports / f"{name}.md").is_file()
+
+
+def test_main_refuses_a_readme_without_markers_and_writes_nothing(tmp_path):
+    readme, docs, reports = tmp_path / "README.md", tmp_path / "results.md", tmp_path / "rep"
+    readme.write_text("# no markers\n")
+    try:
+        R.main(["--readme", str(readme), "--docs", str(docs), "--runs", str(tmp_path), "--reports", str(reports)])
+    except SystemExit as e:
+        assert "markers not found" in str(e)
+    else:
+        raise AssertionError("main() accepted a README without markers")
+    assert readme.read_text() == "# no markers\n" and not docs.exists() and not reports.exists()
