@@ -123,40 +123,11 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
              "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], env, tmp_path / "mlflow.log")
         procs.append(mlflow_server)
-        # a quick verdict on a killed node; patience with startup on a busy machine
-        ray_env = {**env, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                   "RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
-        common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                  "--num-gpus", "0", "--object-store-memory", str(100 * 2**20)]
-
-        def own_ports(i: int) -> list[str]:
-            # nodes on one machine must not race for the same ports: each its own (worker ports
-            # below Linux's ephemeral range, so no randomly bound socket takes them)
-            return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                    "--dashboard-agent-listen-port", str(free_port()),
-                    "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port",
-                    str(free_port()), "--metrics-export-port", str(free_port()),
-                    "--min-worker-port", str(21000 + 1000 * i), "--max-worker-port", str(21999 + 1000 * i)]
-
+        ray_env = _ray_env(env)
         address = f"127.0.0.1:{ray_port}"
 
         def node(i: int) -> subprocess.Popen:
-            """Node ``i`` (0: the head), up and counted by the head. On a busy machine a raylet
-            may give up waiting for its agents; such a start (the process has exited) is retried."""
-            # each node its own temp dir, as on separate machines: nodes that share one session folder
-            # each forward every worker's log file in it, and every line shows once per node
-            tmp = Path(ray_tmp) / f"n{i}"
-            tmp.mkdir(exist_ok=True)
-            cmd = ([str(BIN / "ray"), "start", "--head", "--port", str(ray_port), "--temp-dir", str(tmp),
-                    "--include-dashboard", "false"] if i == 0 else
-                   [str(BIN / "ray"), "start", "--address", address, "--temp-dir", str(tmp)])
-            for _ in range(4):
-                proc = start_server([*cmd, *common, *own_ports(i)], ray_env, tmp_path / f"node{i}.log")
-                procs.append(proc)
-                if _wait_nodes(address, i + 1, env, proc):
-                    return proc
-                _end_group(proc)  # what the failed start left behind
-            raise AssertionError(f"Ray node {i} did not start:\n" + (tmp_path / f"node{i}.log").read_text()[-3000:])
+            return _ray_node(i, address, ray_tmp, ray_env, procs, tmp_path, cpus=1)
 
         head = node(0)
         nodes = [node(1), node(2)]  # one at a time: a node joins before the next starts
@@ -273,6 +244,44 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def _ray_env(env: dict) -> dict:
+    """A quick verdict on a killed node; patience with startup on a busy machine."""
+    return {**env, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+            "RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
+
+
+def _ray_node(i: int, address: str, ray_tmp: str, ray_env: dict, procs: list, log_dir: Path, *,
+              cpus: int) -> subprocess.Popen:
+    """Node ``i`` (0: the head, on ``address``'s port) started by `ray start --block`, up and counted
+    by the head; appended to ``procs`` (ended by the caller). On a busy machine a raylet may give up
+    waiting for its agents; such a start (the process has exited) is retried."""
+    # nodes on one machine must not race for the same ports: each its own (worker ports below
+    # Linux's ephemeral range, so no randomly bound socket takes them)
+    def ports() -> list[str]:
+        return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port",
+                str(free_port()), "--metrics-export-port", str(free_port()),
+                "--min-worker-port", str(21000 + 1000 * i), "--max-worker-port", str(21999 + 1000 * i)]
+
+    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+              "--num-gpus", "0", "--object-store-memory", str(100 * 2**20)]
+    # each node its own temp dir, as on separate machines: nodes that share one session folder
+    # each forward every worker's log file in it, and every line shows once per node
+    tmp = Path(ray_tmp) / f"n{i}"
+    tmp.mkdir(exist_ok=True)
+    cmd = ([str(BIN / "ray"), "start", "--head", "--port", address.rsplit(":", 1)[1], "--temp-dir", str(tmp),
+            "--include-dashboard", "false"] if i == 0 else
+           [str(BIN / "ray"), "start", "--address", address, "--temp-dir", str(tmp)])
+    for _ in range(4):
+        proc = start_server([*cmd, *common, *ports()], ray_env, log_dir / f"node{i}.log")
+        procs.append(proc)
+        if _wait_nodes(address, i + 1, ray_env, proc):
+            return proc
+        _end_group(proc)  # what the failed start left behind
+    raise AssertionError(f"Ray node {i} did not start:\n" + (log_dir / f"node{i}.log").read_text()[-3000:])
+
+
 def _end_group(proc: subprocess.Popen) -> None:
     """Stop ``proc``'s process group, also when its leader has exited and children remain."""
     try:
@@ -295,3 +304,68 @@ def _wait_nodes(address: str, n: int, env: dict, proc: subprocess.Popen, timeout
             return True
         time.sleep(1)
     return False
+
+
+LOST = {  # one training worker asking for 2 CPUs: only the 2-CPU node can hold it
+    "synth": {"rafdb": {"n": 280, "seed": 0}, "sfew": {"n": 70, "seed": 1}},
+    "model": {"width": 0.0625},
+    "ray": {"num_workers": 1, "cpus_per_worker": 2, "max_failures": 1, "storage_path": "ray_results"},
+    "train_rafdb": {"image_size": 56, "crop": 48, "epochs": 40, "batch_size": 32},
+}
+
+
+@pytest.mark.slow
+def test_a_lost_node_no_other_can_replace_stops_training_in_one_line(tmp_path):
+    """A head of 1 CPU and a node of 2 running the one training worker; that node's raylet is
+    SIGKILLed after epoch 1. Nothing left can hold a 2-CPU worker and no autoscaler can add a node,
+    so `dvc repro` on the cluster stops with one line naming what the cluster has, instead of Ray
+    Train retrying the placement every 60 s for ever."""
+    ray_port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_", "DVC_"))}
+    env = {**base, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site")}
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    procs: list[subprocess.Popen] = []
+    address = f"127.0.0.1:{ray_port}"
+    try:
+        ray_env = _ray_env(env)
+        _ray_node(0, address, ray_tmp, ray_env, procs, tmp_path, cpus=1)
+        big = _ray_node(1, address, ray_tmp, ray_env, procs, tmp_path, cpus=2)
+        work = tmp_path / "repo"
+        work.mkdir()
+        _copy_repo(work)
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, LOST), sort_keys=False))
+        (work / "mlflow.db").unlink(missing_ok=True)
+        job = {**env, "RAY_ADDRESS": address,
+               **{f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}}
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+            r = subprocess.run(cmd, cwd=work, env=job, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+        log = tmp_path / "repro.log"
+        with log.open("w") as fh:
+            proc = subprocess.Popen(["dvc", "repro", "train_rafdb"], cwd=work, env=job, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None and "epoch 1/" not in log.read_text():
+            time.sleep(0.5)
+        assert proc.poll() is None, "train_rafdb ended before the kill:\n" + log.read_text()[-4000:]
+        os.kill(_raylet(big), signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=600)
+        waited = time.monotonic() - killed
+        out = log.read_text()
+        assert proc.returncode != 0, out[-3000:]
+        ours = [ln for ln in out.splitlines() if ": error: " in ln]
+        assert len(ours) == 1 and "Ray could not place the training workers" in ours[0], out[-4000:]
+        assert "1 CPU" in ours[0], ours  # what is left: the head
+        assert "Traceback" not in out, out[-4000:]
+        print(f"stopped {waited:.0f} s after the kill: {ours[0]}")
+    finally:
+        for p in reversed(procs):
+            _end_group(p)
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{ray_port}"):
+            current.unlink()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -353,6 +354,17 @@ def test_dvc_queue_runs_experiments_two_at_a_time(repro, tmp_path):
         assert sorted(m.step for m in hist) == list(range(1, int(r.data.params["epochs"]) + 1))
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process left in session ``sid`` (Ray's raylet and workers after kill -9)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    os.kill(int(d.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def _output_hashes(work: Path) -> dict[str, str]:
     """sha256 of every file under every output dvc.yaml declares (models, data, reports, plots)."""
     import hashlib
@@ -364,6 +376,24 @@ def _output_hashes(work: Path) -> dict[str, str]:
             if f.is_file() and ".tmp-" not in str(f):
                 out[str(f.relative_to(work))] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+def _failing_cases(cases, run, params_file, original, store, store_bytes, before, work) -> None:
+    """Each case fails with its one line, no traceback, and every previous output as it was."""
+    for name, setup, cmd, names in cases:
+        setup()
+        r = run(*cmd, timeout=600)
+        params_file.write_text(original)
+        damaged = store.read_bytes() != store_bytes
+        store.write_bytes(store_bytes)
+        assert not damaged or name == "damaged mlflow.db", f"{name}: the store was rewritten"
+        assert r.returncode != 0, f"{name}: {r.stdout[-1500:]}"
+        assert "Traceback" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
+        ours = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+        assert len(ours) == 1 and names in ours[0], f"{name}: {r.stderr[-2000:]}"
+        after = _output_hashes(work)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        assert not changed, f"{name}: outputs changed or lost: {changed[:10]}"
 
 
 @pytest.mark.slow
@@ -407,46 +437,51 @@ def test_a_failed_or_refused_stage_keeps_every_previous_output(repro, tmp_path):
         ("empty dataset folder", lambda: with_params(**{"datasets.rafdb": str(empty)}), ["dvc", "repro"],
          str(empty)),
     ]
-    for name, setup, cmd, names in cases:
-        setup()
-        r = run(*cmd, timeout=600)
-        params_file.write_text(original)
-        damaged = store.read_bytes() != store_bytes
-        store.write_bytes(store_bytes)
-        assert not damaged or name == "damaged mlflow.db", f"{name}: the store was rewritten"
-        assert r.returncode != 0, f"{name}: {r.stdout[-1500:]}"
-        assert "Traceback" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
-        ours = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
-        assert len(ours) == 1 and names in ours[0], f"{name}: {r.stderr[-2000:]}"
-        after = _output_hashes(work)
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        assert not changed, f"{name}: outputs changed or lost: {changed[:10]}"
+    full = tmp_path / "full-disk"  # checkpoints to a 64 KiB tmpfs (where this machine lets us mount one)
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
+                             capture_output=True, timeout=30).returncode == 0
+    if mounted:
+        cases.append(("full disk", lambda: with_params(**{"train_rafdb.epochs": epochs + 1,
+                                                          "ray.storage_path": str(full)}),
+                      ["dvc", "repro"], "no space left on device"))
+    else:
+        print("full disk: not tried (cannot mount a tmpfs here; it needs root)")
+    try:
+        _failing_cases(cases, run, params_file, original, store, store_bytes, before, work)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(full)], capture_output=True, timeout=30)
     assert run("dvc", "status").returncode == 0
 
-    # Ctrl-C in the middle of training (SIGINT to dvc's process group, as a terminal sends it)
-    with_params(**{"train_rafdb.epochs": epochs + 1})
+
+    # Ctrl-C in the middle of training (SIGINT to dvc's process group, as a terminal sends it),
+    # then kill -9 of the whole group (no handler runs: an OOM kill, a closed laptop, a lost node)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "interrupted.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and "epoch 1/" not in log.read_text():
-            time.sleep(0.5)
-        assert proc.poll() is None, f"the stage ended before it was interrupted: {log.read_text()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    params_file.write_text(original)
-    assert proc.returncode != 0, log.read_text()[-2000:]
-    after = _output_hashes(work)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    assert not changed, f"Ctrl-C: outputs changed or lost: {changed[:10]}"
-    assert run("dvc", "status").returncode == 0  # DVC's lock is released
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        with_params(**{"train_rafdb.epochs": epochs + 1})
+        log = tmp_path / f"interrupted-{sig.name}.log"
+        with log.open("w") as fh:
+            proc = subprocess.Popen(["dvc", "repro"], cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline and proc.poll() is None and not re.search(r"epoch \d+/\d+", log.read_text()):
+                time.sleep(0.5)  # one epoch done (the second pass resumes after the first's)
+            assert proc.poll() is None, f"the stage ended before it was interrupted: {log.read_text()[-2000:]}"
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+            _kill_session(proc.pid)  # what Ray started in that session and outlived the kill
+        params_file.write_text(original)
+        assert proc.returncode != 0, log.read_text()[-2000:]
+        after = _output_hashes(work)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        assert not changed, f"{sig.name}: outputs changed or lost: {changed[:10]}"
+        assert run("dvc", "status").returncode == 0, sig.name  # DVC's lock is released

@@ -160,6 +160,29 @@ def test_a_workers_user_error_fails_the_run_at_once_in_one_line(tiny, tmp_path, 
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
+def test_a_full_disk_stops_training_in_one_line(tiny, tmp_path, ray_local, capfd):
+    """Checkpoints to a 64 KiB tmpfs: the first one fills it. The run stops at once with one line
+    naming the full place and what to do (a retry would fill it again), no traceback."""
+    import subprocess
+
+    full = tmp_path / "full"
+    full.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        cfg = _cfg(tiny, tmp_path, epochs=2, run_name="full-disk", max_failures=1, num_workers=1,
+                   storage_path=str(full), **CONSTANT_LR)
+        with pytest.raises(FerError, match="no space left on device writing epoch 1's checkpoint") as err:
+            run_training(cfg)
+        assert str(full) in str(err.value) and "rerun to resume" in str(err.value)
+        printed = "".join(capfd.readouterr())
+        assert "Traceback" not in printed, printed[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True, timeout=30)
+
+
 def test_interrupted_run_resumes_on_rerun(resumed_run, tiny):
     s, hist, tmp_path = resumed_run
     assert [h["epoch"] for h in hist] == [1, 2, 3]

@@ -6,6 +6,7 @@ metrics, one checkpoint every rank writes into). Public because two loops use th
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -206,13 +207,21 @@ def end_epoch(rank: int, epoch: int, metrics: dict, on_epoch, w: WorkerConfig, *
                 say(f"warning: MLflow logging failed: {type(e).__name__}: {e}")
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.save_checked(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            checkpoint.save_state(d, state())
-            (Path(d) / CONFIG_FILE).write_text(json.dumps(w.train_config, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save_checked(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                checkpoint.save_state(d, state())
+                (Path(d) / CONFIG_FILE).write_text(json.dumps(w.train_config, indent=1))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+    except OSError as e:  # a full disk fails the same way on every retry: the user must act
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        raise FerError(f"no space left on device writing epoch {epoch}'s checkpoint (the temp folder "
+                       f"{tempfile.gettempdir()}, then ray.storage_path {w.run.storage_path}): free some "
+                       "space or point ray.storage_path elsewhere, then rerun to resume from the last "
+                       "checkpoint") from e
 
 
 def maybe_fail(w: WorkerConfig, epoch: int, rank: int) -> None:
