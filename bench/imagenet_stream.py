@@ -1,7 +1,7 @@
 """ImageNet streaming throughput: decode + random-resized crop + flip, images/s per CPU.
 
 What ``imagenet_init`` (adapt/pretrain) runs in Ray Data ``map_batches`` tasks
-(:func:`pipeline.data.imagenet.transform_batch`), on ImageNet-sized JPEGs drawn here (500x375,
+(:func:`pipeline.data.imagenet_stream.transform_batch`), on ImageNet-sized JPEGs drawn here (500x375,
 the ILSVRC median, smooth colour fields plus noise: ~70 KB at quality 90; ImageNet's files
 average ~110 KB). Two figures:
 
@@ -45,7 +45,7 @@ def _jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 def in_process(blobs: list[bytes], crop: int, batch: int = 64) -> dict:
     from pipeline.data.decode import decode
-    from pipeline.data.imagenet import transform_batch
+    from pipeline.data.imagenet_stream import transform_batch
 
     t, c = time.perf_counter(), time.process_time()
     for b in blobs:
@@ -66,7 +66,8 @@ def ray_data(blobs: list[bytes], crop: int, cpus: int) -> dict:
     import pyarrow as pa
     import ray
 
-    from pipeline.data.imagenet import ShardWriter, streaming_datasets
+    from pipeline.data.imagenet_ingest import ShardWriter
+    from pipeline.data.imagenet_stream import streaming_datasets
     from pipeline.outputs import write_marker
     from pipeline.data.ingest import parquet_schema
 

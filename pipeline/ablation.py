@@ -262,11 +262,7 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     failures: dict[tuple[str, int], str] = {}
     try:
         res = worker_resources(ray_sec.get("use_gpu", "auto"), workers, ray_sec.get("cpus_per_worker"))
-        deps = {s.init[5:] for s in specs.values() if s.init.startswith("spec:")}
-        # models that others fine-tune from go first, so their dependents can start early
-        ready = [(s, sd) for s in sorted((s for s in specs.values() if not s.init.startswith("spec:")),
-                                         key=lambda s: s.key not in deps) for sd in seed_list]
-        waiting = [(s, sd) for s in specs.values() if s.init.startswith("spec:") for sd in seed_list]
+        ready, waiting = _jobs(specs, seed_list)
         conc = concurrency(ray.cluster_resources(), workers, res["cpus_per_worker"], res["use_gpu"],
                            max(len(ready), 1), max_concurrent)
         print(f"ablation {ablation_id}: {len(specs)} models x {seeds} seed(s) = {len(ready) + len(waiting)} "
@@ -282,26 +278,54 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
     if started:
         ray.shutdown()
 
+    _fill_rows(rows, runner.results, seed_list, failures)
+    meta = {"ablation_id": ablation_id, "seeds": seed_list, "epochs": epochs, "source": source,
+            "params": str(params_path), "wall_s": time.perf_counter() - t0, "parent_run_id": parent,
+            "n_test": {ds: next((r["metrics"]["n_test"] for (k, _), r in runner.results.items()
+                                 if specs[k].dataset == ds), None) for ds in ("rafdb", "sfew")},
+            "params_sections": {ds: SECTIONS[ds] for ds in SECTIONS}, "model": section(params, "model"),
+            "commit": tracking.git_commit(root)}
+    out = _write_report(rows, meta, Path(output), n_failed=len(failures))
+    if failures:
+        raise FerError(f"{len(failures)} ablation run(s) failed ({'; '.join(sorted(set(failures.values())))[:300]}); "
+                       f"the report {out} marks their rows")
+    return [r.as_dict() for r in rows]
+
+
+def _jobs(specs: dict[str, Spec], seed_list: list[int]) -> tuple[list, list]:
+    """The (spec, seed) training jobs as (ready, waiting): ``ready`` can start now, the models
+    that others fine-tune from first so that those can start early; ``waiting`` fine-tune from
+    another job's model."""
+    deps = {s.init[5:] for s in specs.values() if s.init.startswith("spec:")}
+    ready = [(s, sd) for s in sorted((s for s in specs.values() if not s.init.startswith("spec:")),
+                                     key=lambda s: s.key not in deps) for sd in seed_list]
+    waiting = [(s, sd) for s in specs.values() if s.init.startswith("spec:") for sd in seed_list]
+    return ready, waiting
+
+
+def _fill_rows(rows: list[Row], results: dict, seed_list: list[int], failures: dict) -> None:
+    """Each row's per-seed figures and run ids; a row with any seed missing gets none, and says
+    why (a mean over fewer seeds than the others would not compare)."""
     for row in rows:
         if not row.spec:
             continue
         for sd in seed_list:
-            r = runner.results.get((row.spec, sd))
+            r = results.get((row.spec, sd))
             if r is None:
                 row.reason = failures.get((row.spec, sd), "failed")
                 row.values, row.run_ids = [], []
                 break
             row.values.append(float(r["metrics"][row.metric]))
             row.run_ids.append(r["run_id"])
-    wall = time.perf_counter() - t0
-    meta = {"ablation_id": ablation_id, "seeds": seed_list, "epochs": epochs, "source": source,
-            "params": str(params_path), "wall_s": wall, "parent_run_id": parent,
-            "n_test": {ds: next((r["metrics"]["n_test"] for (k, _), r in runner.results.items()
-                                 if specs[k].dataset == ds), None) for ds in ("rafdb", "sfew")},
-            "params_sections": {ds: SECTIONS[ds] for ds in SECTIONS}, "model": section(params, "model"),
-            "commit": tracking.git_commit(root)}
+
+
+def _write_report(rows: list[Row], meta: dict[str, Any], out: Path, *, n_failed: int) -> Path:
+    """The markdown report and its JSON twin, also logged to the parent MLflow run, which is closed
+    (FAILED when a run failed)."""
+    from pipeline import tracking
+
+    parent, wall = meta["parent_run_id"], meta["wall_s"]
     text = render(rows, meta)
-    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
@@ -311,14 +335,11 @@ def run_ablation(params_path: str | os.PathLike = "params.yaml", *, seeds: int =
         tracking.client().log_text(parent, text, "ablation.md")
     except Exception as e:
         print(f"warning: could not log the report to MLflow: {type(e).__name__}: {e}")
-    tracking.log_metrics(parent, {"wall_time_s": wall, "failed_runs": len(failures)})
-    tracking.end_run(parent, "FAILED" if failures else "FINISHED")
+    tracking.log_metrics(parent, {"wall_time_s": wall, "failed_runs": n_failed})
+    tracking.end_run(parent, "FAILED" if n_failed else "FINISHED")
     print(text, flush=True)
     print(f"ablation report -> {out} ({wall:.0f} s)", flush=True)
-    if failures:
-        raise FerError(f"{len(failures)} ablation run(s) failed ({'; '.join(sorted(set(failures.values())))[:300]}); "
-                       f"the report {out} marks their rows")
-    return [r.as_dict() for r in rows]
+    return out
 
 
 def _schedule(runner: _Runner, ready: list, waiting: list, conc: int, failures: dict) -> None:

@@ -28,7 +28,7 @@ def _ingest(a: argparse.Namespace) -> None:
 
 
 def _ingest_imagenet(a: argparse.Namespace) -> None:
-    from pipeline.data.imagenet import ingest_imagenet
+    from pipeline.data.imagenet_ingest import ingest_imagenet
 
     report = ingest_imagenet(a.src, a.out, report_path=a.report, shard_mb=a.shard_mb,
                              limit_per_class=a.limit_per_class, max_classes=a.max_classes,

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
-from pipeline.data.imagenet import (dataset_info, ingest_imagenet, read_imagenet,  # noqa: E402
-                                    transform_batch, write_sample)
+from pipeline.data.imagenet_ingest import ingest_imagenet, read_imagenet, write_sample  # noqa: E402
+from pipeline.data.imagenet_stream import dataset_info, transform_batch  # noqa: E402
 from pipeline.errors import FerError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -219,7 +219,37 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         raise FerError(f"{src}: {scan.layout} layout but no images found")
 
     results = _validate_all([str(src / r.source) for r in scan.records], workers, progress, max_pixels)
+    good, rejected, converted = _sort_out(scan, results)
+    bad = _bad_fractions(good, rejected)  # as found in the source, before val is carved
+    val_source = "folder" if good["val"] else "carved"
+    if not good["val"]:
+        _move_to_val(good, carve_val(good["train"], val_fraction, seed))
+    report = _report(scan, good, src, out, dataset, rejected, converted, bad,
+                     {"source": val_source, "fraction": val_fraction, "seed": seed}, max_bad_fraction)
 
+    refusal = _refusal(report, val_source, src, report_path)
+    if refusal:  # the report says why (``failed``), OUT is left as it was
+        report["failed"] = True
+        write_json(report_path, report)
+        _finish(report, t0, workers, rsrc, rout, report_path, progress)
+        raise FerError(refusal)
+
+    # write parquet into a temp folder next to OUT, then swap it in
+    changed: list[dict] = []
+    label_type = pa.int8() if len(scan.class_names) <= 127 else pa.int16()
+    try:
+        _write_all(out, good, src, scan.class_names, parquet_schema(label_type), progress, changed)
+    except OSError as e:
+        raise FerError(f"cannot write the parquet dataset at {out}: {e}") from e
+    if changed:  # rare: a file changed between validation and writing
+        _uncount(report, good, changed, scan.class_names)
+    write_json(report_path, report)
+    return _finish(report, t0, workers, rsrc, rout, report_path, progress)
+
+
+def _sort_out(scan: Scan, results: list[dict]) -> tuple[dict, list[dict], Counter]:
+    """(good records by split, rejected entries, count of converted colour modes): what the
+    layout reader refused comes first in ``rejected``, then what failed validation."""
     rejected = [{"source": shown(r.source), "reason": r.reason, "split": r.split} for r in scan.rejected]
     converted: Counter = Counter()
     good: dict[str, list[tuple[Record, dict]]] = {s: [] for s in SPLITS}
@@ -231,8 +261,11 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
                 converted[res["mode"]] += 1
         else:
             rejected.append({"source": shown(rec.source), "reason": res["reason"], "split": rec.split})
+    return good, rejected, converted
 
-    # bad fraction per split as found in the source (before val is carved)
+
+def _bad_fractions(good: dict, rejected: list[dict]) -> dict:
+    """Bad files per split (and ``unassigned``: files the layout could place in no split)."""
     bad_n = Counter(r["split"] for r in rejected)
     bad = {}
     for s in [*SPLITS, None]:
@@ -242,17 +275,19 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
             continue
         if total:
             bad[s or "unassigned"] = {"bad": n_bad, "total": total, "fraction": round(n_bad / total, 6)}
+    return bad
 
-    val_source = "folder" if good["val"] else "carved"
-    if not good["val"]:
-        moved = carve_val(good["train"], val_fraction, seed)
-        for i in sorted(moved):
-            rec, res = good["train"][i]
-            res["split"] = "val"
-            good["val"].append((rec, res))
-        good["train"] = [x for i, x in enumerate(good["train"]) if i not in moved]
 
-    # duplicates (same sha256): across splits = leakage
+def _move_to_val(good: dict, moved: set[int]) -> None:
+    for i in sorted(moved):
+        rec, res = good["train"][i]
+        res["split"] = "val"
+        good["val"].append((rec, res))
+    good["train"] = [x for i, x in enumerate(good["train"]) if i not in moved]
+
+
+def _duplicates(good: dict) -> tuple[list[dict], list[dict]]:
+    """Groups of identical files (same sha256): (across splits, i.e. leakage; within one split)."""
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for s in SPLITS:
         for rec, res in good[s]:
@@ -262,9 +297,13 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         if len(entries) > 1:
             g = {"sha256": sha, "splits": sorted({e["split"] for e in entries}), "entries": entries}
             (leakage if len(g["splits"]) > 1 else within).append(g)
+    return leakage, within
 
+
+def _report(scan: Scan, good: dict, src: Path, out: Path, dataset: str, rejected: list[dict],
+            converted: Counter, bad: dict, val: dict, max_bad_fraction: float) -> dict:
     names = scan.class_names
-    label_type = pa.int8() if len(names) <= 127 else pa.int16()
+    leakage, within = _duplicates(good)
     report = {
         "dataset": dataset,
         "layout": scan.layout,
@@ -273,7 +312,7 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
         "classes": list(names),
         "counts": {s: len(good[s]) for s in SPLITS},
         "class_counts": {s: {n: 0 for n in names} for s in SPLITS},
-        "val": {"source": val_source, "fraction": val_fraction, "seed": seed},
+        "val": val,
         "scanned": len(scan.records) + len(scan.rejected),
         "bad": bad,
         "max_bad_fraction": max_bad_fraction,
@@ -287,38 +326,34 @@ def _ingest(src: Path, out: Path, report_path, dataset, val_fraction, seed, max_
     for s in SPLITS:
         for rec, _ in good[s]:
             report["class_counts"][s][names[rec.label]] += 1
+    return report
 
-    # refused: the report says why (``failed``), OUT is left as it was
+
+def _refusal(report: dict, val_source: str, src: Path, report_path: Path) -> str | None:
+    """Why OUT is not written, or None: a set that cannot train (:func:`cannot_train`) or a
+    split with more bad files than ``max_bad_fraction``."""
     refusal = cannot_train(report, val_source)
-    refusal = refusal and f"{shown(str(src))}: {refusal}; OUT is unchanged (see {report_path})"
-    over = {s: b for s, b in bad.items() if b["fraction"] > max_bad_fraction}
-    if over and not refusal:
-        s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
-        refusal = (f"{b['bad']} of {b['total']} files of split '{s}' are bad "
-                   f"({b['fraction']:.1%} > max_bad_fraction {max_bad_fraction:.1%}); see {report_path}")
     if refusal:
-        report["failed"] = True
-        write_json(report_path, report)
-        _finish(report, t0, workers, rsrc, rout, report_path, progress)
-        raise FerError(refusal)
+        return f"{shown(str(src))}: {refusal}; OUT is unchanged (see {report_path})"
+    limit = report["max_bad_fraction"]
+    over = {s: b for s, b in report["bad"].items() if b["fraction"] > limit}
+    if over:
+        s, b = max(over.items(), key=lambda kv: kv[1]["fraction"])
+        return (f"{b['bad']} of {b['total']} files of split '{s}' are bad "
+                f"({b['fraction']:.1%} > max_bad_fraction {limit:.1%}); see {report_path}")
+    return None
 
-    # write parquet into a temp folder next to OUT, then swap it in
-    changed: list[dict] = []
-    try:
-        _write_all(out, good, src, names, parquet_schema(label_type), progress, changed)
-    except OSError as e:
-        raise FerError(f"cannot write the parquet dataset at {out}: {e}") from e
-    if changed:  # rare: a file changed between validation and writing
-        rejected += changed
-        for c in changed:
-            report["counts"][c["split"]] -= 1
-        gone = {(c["split"], c["source"]) for c in changed}
-        for s in SPLITS:
-            for rec, _ in good[s]:
-                if (s, shown(rec.source)) in gone:
-                    report["class_counts"][s][names[rec.label]] -= 1
-    write_json(report_path, report)
-    return _finish(report, t0, workers, rsrc, rout, report_path, progress)
+
+def _uncount(report: dict, good: dict, changed: list[dict], names) -> None:
+    """Move the files that changed after validation from the counts to ``rejected``."""
+    report["rejected"] += changed
+    for c in changed:
+        report["counts"][c["split"]] -= 1
+    gone = {(c["split"], c["source"]) for c in changed}
+    for s in SPLITS:
+        for rec, _ in good[s]:
+            if (s, shown(rec.source)) in gone:
+                report["class_counts"][s][names[rec.label]] -= 1
 
 
 def cannot_train(report: dict, val_source: str) -> str | None:

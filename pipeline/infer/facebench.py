@@ -28,25 +28,26 @@ import time
 
 import numpy as np
 
-_RECORDING: list = []
-
 
 def synthetic_landmarks(label: int, seed: int = 0, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic RAF-DB-layout face (decoded RGB 100x100) and its five points ``[5, 2]``
     (left eye, right eye, nose tip, mouth left, mouth right; pixel centres at integers).
 
-    The drawing is recorded by temporarily replacing the synthetic module's face painter with a
-    subclass that keeps every polygon and line it draws; the image is the same as ``render``'s.
-    The pupils are the two 10-point black polygons, the nostrils the last two other 10-point
-    polygons, the mouth corners the ends of the first 17-point line (the upper lip)."""
-    from pipeline.data import synthetic as S
+    The drawing is recorded by a painter that keeps every polygon and line it draws; the image
+    is the same as ``render``'s. The pupils are the two 10-point black polygons, the nostrils the
+    last two other 10-point polygons, the mouth corners the ends of the first 17-point line (the
+    upper lip)."""
+    from pipeline.data.face_drawing import FacePainter
+    from pipeline.data.synthetic import render
     from pipeline.infer.predictor import decode_image
 
-    class _Rec(S._Face):
+    painters: list = []
+
+    class _Rec(FacePainter):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.polys, self.lines = [], []
-            _RECORDING.append(self)
+            painters.append(self)
 
         def poly(self, pts, fill):
             self.polys.append((np.asarray(self.px(pts)), fill))
@@ -56,13 +57,8 @@ def synthetic_landmarks(label: int, seed: int = 0, index: int = 0) -> tuple[np.n
             self.lines.append((np.asarray(self.px(pts)), fill))
             super().line(pts, fill, width)
 
-    _RECORDING.clear()
-    orig, S._Face = S._Face, _Rec
-    try:
-        data = S.render(label, "rafdb", seed, index)
-    finally:
-        S._Face = orig
-    f = _RECORDING[0]
+    data = render(label, "rafdb", seed, index, painter=_Rec)
+    f = painters[0]
 
     def mid(p):
         return (p.min(0) + p.max(0)) / 2

@@ -100,7 +100,6 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
     import cv2
 
     from pipeline.workers import Progress
-    from pipeline.infer.photo import predict_image
 
     if not 0.0 <= smooth < 1.0:
         raise FerError(f"--smooth {smooth}: must be in [0, 1)")
@@ -118,8 +117,7 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
     total = 0 if live else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     bar = Progress(max(total, 0), f"fer predict {name}", enabled=progress, unit="frames")
     writer = None
-    drawn: list[dict] = []
-    previous: list[dict] = []
+    latest: list[dict] = []  # the last analysed frame's faces: drawn until the next, smoothed against
     frames = analysed = n_faces = 0
     t0 = time.perf_counter()
     try:
@@ -132,28 +130,15 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
             frames += 1
             if i % every == 0:
                 analysed += 1
-                _, records = predict_image(rgb, predictor, margin=margin, align=align,
-                                           detector=detector)
-                records = [r for r in records if r["detected"]]
-                if smooth > 0:
-                    _smooth(records, previous, smooth)
-                previous = records
-                t = round(i / fps, 4)
-                for k, r in enumerate(records):
-                    out.write(json.dumps({"frame": i, "time": t, "face": k, **{
-                        key: r[key] for key in ("box", "landmarks", "aligned", "label", "probabilities")}}) + "\n")
-                if not records:
-                    out.write(json.dumps({"frame": i, "time": t, "face": None, "box": None,
-                                          "landmarks": None, "aligned": None, "label": None,
-                                          "probabilities": None}) + "\n")
-                n_faces += len(records)
-                drawn = records
+                latest = _analyse_frame(rgb, i, round(i / fps, 4), predictor, latest, out, margin=margin,
+                                        align=align, detector=detector, smooth=smooth)
+                n_faces += len(latest)
             if annotate is not None:
                 from pipeline.infer.annotate import draw
 
                 if writer is None:
                     writer = _writer(annotate, fps, rgb.shape)
-                writer.write(cv2.cvtColor(draw(rgb, drawn), cv2.COLOR_RGB2BGR))
+                writer.write(cv2.cvtColor(draw(rgb, latest), cv2.COLOR_RGB2BGR))
             if total:
                 bar.update()
     except KeyboardInterrupt:
@@ -177,6 +162,26 @@ def predict_video(source, predictor, *, every: int = 1, align: str = "eyes", mar
               file=sys.stderr)
     out.flush()
     return summary
+
+
+def _analyse_frame(rgb: np.ndarray, i: int, t: float, predictor, previous: list[dict], out, *,
+                   margin: float, align: str, detector: str | None, smooth: float) -> list[dict]:
+    """The faces found in frame ``i`` (at ``t`` s), smoothed against ``previous`` (the last
+    analysed frame's), each written as a JSON line; one line with ``"face": null`` when there is
+    none, so that every analysed frame is in the output."""
+    from pipeline.infer.photo import predict_image
+
+    _, records = predict_image(rgb, predictor, margin=margin, align=align, detector=detector)
+    records = [r for r in records if r["detected"]]
+    if smooth > 0:
+        _smooth(records, previous, smooth)
+    for k, r in enumerate(records):
+        out.write(json.dumps({"frame": i, "time": t, "face": k, **{
+            key: r[key] for key in ("box", "landmarks", "aligned", "label", "probabilities")}}) + "\n")
+    if not records:
+        out.write(json.dumps({"frame": i, "time": t, "face": None, "box": None, "landmarks": None,
+                              "aligned": None, "label": None, "probabilities": None}) + "\n")
+    return records
 
 
 def _writer(path, fps: float, shape):

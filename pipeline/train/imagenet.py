@@ -1,7 +1,7 @@
 """ImageNet-init training (stage imagenet_init, modes ``adapt`` and ``pretrain``), streamed with Ray Data.
 
 ImageNet does not fit in a worker's memory, so unlike the face stages nothing is loaded up front:
-:func:`pipeline.data.imagenet.streaming_datasets` reads the parquet shards and decodes and crops
+:func:`pipeline.data.imagenet_stream.streaming_datasets` reads the parquet shards and decodes and crops
 them in Ray Data tasks; Ray Train splits each dataset across the workers
 (``streaming_split(equal=True)``: every worker gets the same number of rows, so DDP steps match),
 and each worker pulls batches with ``iter_torch_batches``. A worker holds a few batches, never
@@ -165,7 +165,7 @@ def run_imagenet_init(out: Path, report_path: Path, params: dict, *, worker_opti
     write the init checkpoint ``out`` and the report (top-1/top-5 on val); returns the report."""
     from pipeline import tracking
     from pipeline.config import section
-    from pipeline.data.imagenet import dataset_info, streaming_datasets
+    from pipeline.data.imagenet_stream import dataset_info, streaming_datasets
     from pipeline.model import checkpoint
     from pipeline.train.config import TrainConfig
     from pipeline.train.launch import storage_location, fit, latest_checkpoint_dir

@@ -132,47 +132,12 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     params_path = Path(params_path)
     params = load_params(params_path)
     root = params_path.resolve().parent
-    settings = tune_settings(params)
-    if num_samples is not None:
-        if num_samples < 1:
-            raise FerError(f"--num-samples must be >= 1, got {num_samples}")
-        settings["num_samples"] = num_samples
-    if max_concurrent is not None:
-        if max_concurrent < 1:
-            raise FerError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-        settings["max_concurrent"] = max_concurrent
-    dataset = settings["dataset"]
-    data = root / "data" / "parquet" / dataset
-    if not data.is_dir():
-        raise FerError(f"dataset {data} not found (run `dvc repro ingest@{dataset}` first)")
+    settings = _settings(params, num_samples, max_concurrent)
+    ctx, storage = _sweep_context(params, root, settings, resume)
     ray_sec = section(params, "ray")
-    storage = resolve_path(root, str(ray_sec.get("storage_path", "ray_results")))
-    if dataset == "sfew":
-        init = root / "models" / "rafdb" / "model.pt"
-        if not init.is_file():
-            raise FerError(f"tune.dataset sfew starts from {init}: train it first (dvc repro train_rafdb)")
-        init_spec = str(init)
-    else:
-        source = str(section(params, "imagenet_init").get("source", "none")) if "imagenet_init" in params else "none"
-        init_spec = "none" if source == "none" else "imagenet:" + (source if source == "torchvision"
-                                                                   else resolve_path(root, source))
-    base = base_options(params, settings, root)
-    # one resolvable check of the base config before anything starts
-    from pipeline.train.config import TrainConfig
-    TrainConfig.from_dict({**base, "data": str(data)})
-    name = sweep_name(settings, base, storage, init_spec)
-    experiment_path = f"{storage.rstrip('/')}/{name}"
-    local_root = Path(storage) if "://" not in storage else root / "models" / "tune"
-    trials_dir = local_root / f"{name}-trials"
-    if not resume and "://" not in storage and Path(experiment_path).exists():
-        print(f"--no-resume: removing the previous state of sweep {name}", flush=True)
-        shutil.rmtree(experiment_path, ignore_errors=True)
-        shutil.rmtree(trials_dir, ignore_errors=True)
 
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from pipeline import tracking
 
@@ -188,65 +153,18 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
             len(s["grid"]) for s in settings["space"].values() if isinstance(s, dict) and "grid" in s)
         conc = concurrency(cluster, workers, res["cpus_per_worker"], res["use_gpu"],
                            n_trials, settings["max_concurrent"], overhead=TRIAL_CPU)
-        experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
-        ctx: dict[str, Any] = {
-            "sweep": name, "dataset": dataset, "experiment": experiment, "experiment_path": experiment_path,
-            "base": base, "data": str(data), "init": init_spec, "train_storage": str(trials_dir / "ray"),
-            "trials_dir": str(trials_dir), "max_epochs": settings["max_epochs"],
-            "use_gpu": res["use_gpu"], "cpus_per_worker": res["cpus_per_worker"],
-            "pg_workaround": ray_workarounds.needed(),
-            "git_commit": tracking.git_commit(root),
-            "env": job_env(),
-        }
-        release = [ray_workarounds.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
-        restoring = resume and tune.Tuner.can_restore(experiment_path)
+        ctx.update(use_gpu=res["use_gpu"], cpus_per_worker=res["cpus_per_worker"],
+                   pg_workaround=ray_workarounds.needed(), git_commit=tracking.git_commit(root), env=job_env())
+        restoring = resume and tune.Tuner.can_restore(ctx["experiment_path"])
         ctx["parent_run_id"] = parent_run(ctx, params, restoring)
-        trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"CPU": TRIAL_CPU})
-        print(f"sweep {name}: {n_trials} trials on {dataset}, {conc} at a time "
+        print(f"sweep {ctx['sweep']}: {n_trials} trials on {ctx['dataset']}, {conc} at a time "
               f"({settings['workers_per_trial']} worker(s) x {res['cpus_per_worker']:g} CPU"
               f"{' + 1 GPU' if res['use_gpu'] else ''} each), ASHA on {METRIC} "
               f"(grace {settings['grace_period']}, max {settings['max_epochs']} epochs, "
               f"reduction {settings['reduction_factor']})" + ("; resuming" if restoring else ""), flush=True)
-        if restoring:
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=build_space(settings["space"]),
-                tune_config=tune.TuneConfig(
-                    metric=METRIC, mode=MODE, num_samples=settings["num_samples"],
-                    trial_dirname_creator=_trial_dirname,
-                    # the concurrency cap lives in the generator: Tune ignores
-                    # max_concurrent_trials when a BasicVariantGenerator is passed in
-                    search_alg=BasicVariantGenerator(random_state=settings["seed"], max_concurrent=conc),
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=settings["max_epochs"],
-                                            grace_period=settings["grace_period"],
-                                            reduction_factor=settings["reduction_factor"])),
-                run_config=tune.RunConfig(name=name, storage_path=storage,
-                                          callbacks=[trial_callback(ctx), *release], verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
-            )
-        try:
-            grid = tuner.fit()
-        finally:
-            if ctx["pg_workaround"]:
-                ray_workarounds.release_all(ctx["trials_dir"])
-        wall = time.perf_counter() - t0
-        if grid.num_terminated + grid.num_errors < n_trials:
-            tracking.client().set_terminated(ctx["parent_run_id"], status="KILLED")
-            raise FerError(f"sweep {name} interrupted ({grid.num_terminated} of {n_trials} trials finished); "
-                           f"run `fer tune` again to resume it")
-        rows = trial_rows(grid, settings["max_epochs"], ctx)
-        n_done = len(rows)
+        rows, wall = _fit(_tuner(ctx, settings, storage, conc, restoring), ctx, n_trials, t0)
         best = pick_best(rows)
-        ckpt = best["checkpoint_path"]
-        if not ckpt:
-            from pipeline.train.launch import latest_checkpoint_dir
-
-            latest = latest_checkpoint_dir(ctx["train_storage"], best["trial_id"])
-            ckpt = str(latest) if latest else None
-        model = write_trial_model(ctx, best["trial_id"], best["config"], ckpt) if ckpt else None
+        model = _best_model(ctx, best)
     except BaseException:
         if started:
             ray.shutdown()
@@ -256,19 +174,151 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
 
     best_params = {k: round_sig(v) for k, v in best["params"].items() if k in settings["space"]}
     doc = {
-        "sweep": name, "dataset": dataset, "metric": METRIC, "mode": MODE,
+        "sweep": ctx["sweep"], "dataset": ctx["dataset"], "metric": METRIC, "mode": MODE,
         "best_trial": best["trial_id"], "best_val_accuracy": round(best["best_val_accuracy"], 6),
         "epochs": best["epochs"], "mlflow_run_id": best["mlflow_run_id"],
-        "mlflow_parent_run_id": ctx["parent_run_id"], "experiment_path": experiment_path,
+        "mlflow_parent_run_id": ctx["parent_run_id"], "experiment_path": ctx["experiment_path"],
         "model_path": model["model_path"] if model else None,
-        "params": best_params, "apply": targets(best_params, dataset),
-        "trials": n_done, "stopped_early": sum(r["status"] == "stopped" for r in rows),
+        "params": best_params, "apply": targets(best_params, ctx["dataset"]),
+        "trials": len(rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
         "wall_time_s": round(wall, 1),
-        "noise": noise_note(rows, best, ablation_seed_std(Path(params_path).resolve().parent)),
+        "noise": noise_note(rows, best, ablation_seed_std(root)),
     }
+    out, table = _report(doc, rows, best, output, wall)
+    _track(ctx, doc, best, model, out, table, wall)
+    if apply:
+        apply_best(params_path, doc["apply"])
+        print(f"applied to {params_path}: " + "; ".join(
+            f"{s}." + ", ".join(f"{k}={v}" for k, v in vals.items()) for s, vals in doc["apply"].items()))
+    for r in rows:
+        r.pop("config", None)
+    return {**doc, "output": str(out), "rows": rows, "concurrency": conc, "resumed": restoring,
+            "applied": apply, "table": table}
+
+
+def _sweep_context(params: dict[str, Any], root: Path, settings: dict[str, Any], resume: bool
+                   ) -> tuple[dict[str, Any], str]:
+    """(what every trial needs to know that does not depend on the cluster, the Tune storage
+    path). The sweep's name hashes what it searches and from where, so an interrupted sweep is
+    found again; without ``resume`` its previous state is removed first."""
+    dataset = settings["dataset"]
+    data = root / "data" / "parquet" / dataset
+    if not data.is_dir():
+        raise FerError(f"dataset {data} not found (run `dvc repro ingest@{dataset}` first)")
+    storage = resolve_path(root, str(section(params, "ray").get("storage_path", "ray_results")))
+    init_spec = _init_spec(params, root, dataset)
+    base = base_options(params, settings, root)
+    # one resolvable check of the base config before anything starts
+    from pipeline.train.config import TrainConfig
+    TrainConfig.from_dict({**base, "data": str(data)})
+    name = sweep_name(settings, base, storage, init_spec)
+    experiment_path = f"{storage.rstrip('/')}/{name}"
+    local_root = Path(storage) if "://" not in storage else root / "models" / "tune"
+    trials_dir = local_root / f"{name}-trials"
+    if not resume and "://" not in storage and Path(experiment_path).exists():
+        print(f"--no-resume: removing the previous state of sweep {name}", flush=True)
+        shutil.rmtree(experiment_path, ignore_errors=True)
+        shutil.rmtree(trials_dir, ignore_errors=True)
+    experiment = section(params, "mlflow")["experiment"] if "mlflow" in params else "lip-vgg16"
+    ctx = {"sweep": name, "dataset": dataset, "experiment": experiment, "experiment_path": experiment_path,
+           "base": base, "data": str(data), "init": init_spec, "train_storage": str(trials_dir / "ray"),
+           "trials_dir": str(trials_dir), "max_epochs": settings["max_epochs"]}
+    return ctx, storage
+
+
+def _settings(params: dict[str, Any], num_samples: int | None, max_concurrent: int | None) -> dict[str, Any]:
+    """The ``tune:`` settings with the command line's overrides (checked: >= 1)."""
+    settings = tune_settings(params)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise FerError(f"--num-samples must be >= 1, got {num_samples}")
+        settings["num_samples"] = num_samples
+    if max_concurrent is not None:
+        if max_concurrent < 1:
+            raise FerError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+        settings["max_concurrent"] = max_concurrent
+    return settings
+
+
+def _init_spec(params: dict[str, Any], root: Path, dataset: str) -> str:
+    """What every trial starts from, as the training stage of ``dataset`` would: SFEW from the
+    trained RAF-DB model, RAF-DB from ``imagenet_init.source`` (``imagenet:<source>``) or none."""
+    if dataset == "sfew":
+        init = root / "models" / "rafdb" / "model.pt"
+        if not init.is_file():
+            raise FerError(f"tune.dataset sfew starts from {init}: train it first (dvc repro train_rafdb)")
+        return str(init)
+    source = str(section(params, "imagenet_init").get("source", "none")) if "imagenet_init" in params else "none"
+    return "none" if source == "none" else "imagenet:" + (source if source == "torchvision"
+                                                          else resolve_path(root, source))
+
+
+def _tuner(ctx: dict[str, Any], settings: dict[str, Any], storage: str, conc: int, restoring: bool):
+    """The interrupted sweep's Tuner when ``restoring`` (its search state: no trial drawn twice,
+    finished ones not rerun), else a new one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    release = [ray_workarounds.release_stopped_trials_callback(ctx["trials_dir"])] if ctx["pg_workaround"] else []
+    trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"CPU": TRIAL_CPU})
+    if restoring:
+        return tune.Tuner.restore(ctx["experiment_path"], trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=build_space(settings["space"]),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=settings["num_samples"],
+            trial_dirname_creator=_trial_dirname,
+            # the concurrency cap lives in the generator: Tune ignores
+            # max_concurrent_trials when a BasicVariantGenerator is passed in
+            search_alg=BasicVariantGenerator(random_state=settings["seed"], max_concurrent=conc),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=settings["max_epochs"],
+                                    grace_period=settings["grace_period"],
+                                    reduction_factor=settings["reduction_factor"])),
+        run_config=tune.RunConfig(name=ctx["sweep"], storage_path=storage,
+                                  callbacks=[trial_callback(ctx), *release], verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def _fit(tuner, ctx: dict[str, Any], n_trials: int, t0: float) -> tuple[list[dict], float]:
+    """Run the trials; (their rows, the sweep's wall time). An interrupted sweep (Ctrl-C, or a
+    trial left unfinished) is an error that says how to resume it."""
+    from pipeline import tracking
+
+    try:
+        grid = tuner.fit()
+    finally:
+        if ctx["pg_workaround"]:
+            ray_workarounds.release_all(ctx["trials_dir"])
+    wall = time.perf_counter() - t0
+    if grid.num_terminated + grid.num_errors < n_trials:
+        tracking.client().set_terminated(ctx["parent_run_id"], status="KILLED")
+        raise FerError(f"sweep {ctx['sweep']} interrupted ({grid.num_terminated} of {n_trials} trials "
+                       f"finished); run `fer tune` again to resume it")
+    return trial_rows(grid, ctx["max_epochs"], ctx), wall
+
+
+def _best_model(ctx: dict[str, Any], best: dict[str, Any]) -> dict[str, Any] | None:
+    """The best trial's model.pt, from the checkpoint Tune reported or else the newest one of its
+    Train run (a trial that ASHA stopped reports none); None when it has none."""
+    ckpt = best["checkpoint_path"]
+    if not ckpt:
+        from pipeline.train.launch import latest_checkpoint_dir
+
+        latest = latest_checkpoint_dir(ctx["train_storage"], best["trial_id"])
+        ckpt = str(latest) if latest else None
+    return write_trial_model(ctx, best["trial_id"], best["config"], ckpt) if ckpt else None
+
+
+def _report(doc: dict[str, Any], rows: list[dict], best: dict[str, Any], output: str | os.PathLike,
+            wall: float) -> tuple[Path, str]:
+    """Write the best-config YAML and print the trial table; returns (the file, the table)."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Best config of sweep {name} ({dataset}), written by `fer tune`; "
+    out.write_text(f"# Best config of sweep {doc['sweep']} ({doc['dataset']}), written by `fer tune`; "
                    f"`fer tune --apply` writes `apply` into params.yaml.\n"
                    + yaml.safe_dump(doc, sort_keys=False))
     table = format_table(rows, best["trial_id"])
@@ -276,9 +326,17 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     print(f"best: trial {best['trial_id']} val_accuracy {best['best_val_accuracy']:.4f} "
           f"-> {out}  ({wall:.0f} s)", flush=True)
     print(doc["noise"]["note"], flush=True)
+    return out, table
+
+
+def _track(ctx: dict[str, Any], doc: dict[str, Any], best: dict[str, Any], model: dict[str, Any] | None,
+           out: Path, table: str, wall: float) -> None:
+    """The parent MLflow run: the sweep's figures, the best trial's tags, the files; closed."""
+    from pipeline import tracking
+
     c = tracking.client()
     tracking.log_metrics(ctx["parent_run_id"], {"best_val_accuracy": best["best_val_accuracy"],
-                                                "trials": n_done, "stopped_early": doc["stopped_early"],
+                                                "trials": doc["trials"], "stopped_early": doc["stopped_early"],
                                                 "wall_time_s": wall})
     c.set_tag(ctx["parent_run_id"], "best_trial", best["trial_id"])
     c.set_tag(ctx["parent_run_id"], "best_run_id", str(best["mlflow_run_id"]))
@@ -290,14 +348,6 @@ def run_sweep(params_path: str | os.PathLike = "params.yaml", *, num_samples: in
     except Exception as e:  # artifacts are a convenience
         print(f"warning: could not log sweep artifacts: {type(e).__name__}: {e}")
     tracking.end_run(ctx["parent_run_id"])
-    if apply:
-        apply_best(params_path, doc["apply"])
-        print(f"applied to {params_path}: " + "; ".join(
-            f"{s}." + ", ".join(f"{k}={v}" for k, v in vals.items()) for s, vals in doc["apply"].items()))
-    for r in rows:
-        r.pop("config", None)
-    return {**doc, "output": str(out), "rows": rows, "concurrency": conc, "resumed": restoring,
-            "applied": apply, "table": table}
 
 
 # --------------------------------------------------------------------------- CLI
