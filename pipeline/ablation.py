@@ -1,5 +1,10 @@
 """The paper's ablation study as one command: Table 1 (RAF-DB) and Table 3 (SFEW), tracked in MLflow.
 
+Resumable in pieces: each trained (row, seed) leaves its figures beside its model
+(``models/ablation/<spec>/seed<N>/ablation_result.json``) with a fingerprint of its settings, data
+and code; a rerun takes those as they are and continues an interrupted training run from its last
+Ray checkpoint, so `fer ablation --seeds 3` can be run an evening at a time.
+
 Each row is a configuration change of the same training function as the DVC stages
 (`pipeline.train.launch.run_training` on Ray Train) followed by `evaluate_checkpoint` on the test
 split, with the same seed budget for every row (``seeds`` runs, averaged). Rows that share a
@@ -38,16 +43,30 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_params, section
+from pipeline.ablation_report import comparisons, render
 from pipeline.errors import FerError
 
 #: The paper's figures we carry (test accuracy, %). Nothing else is quoted from the paper.
 PAPER = {"vgg16": 81.68, "imagenet": 86.31, "sfew_imagenet": 50.00, "sfew_rafdb": 57.34}
-#: Each row's reference: the row it adds one change to. The report tests every difference against
-#: the seed noise (pipeline.noise.compare, Welch's t over per-seed figures).
-REFS = {"lip": "vgg16", "ten_crop": "lip", "imagenet": "ten_crop", "attention_on": "attention_off",
-        "sfew_rafdb": "sfew_imagenet"}
 NO_WEIGHTS = "not run: no ImageNet weights (set imagenet_init.source)"
 SECTIONS = {"rafdb": "train_rafdb", "sfew": "finetune_sfew"}
+#: Beside each trained (row, seed) model: its figures and fingerprint, so a rerun skips it.
+DONE_FILE = "ablation_result.json"
+
+
+def fingerprint(opts: dict[str, Any], data: Path) -> str:
+    """What a (row, seed) result depends on: its training options, the parquet it reads (the
+    split files' bytes), the model it starts from (a row fine-tuned from another's model) and the
+    code a training run imports."""
+    from pipeline import code_deps
+    from pipeline.outputs import sha256_file
+
+    files = sorted(data.glob("*.parquet")) if data.is_dir() else []
+    init = Path(str(opts.get("init", "none")))
+    files += [init] if init.is_file() else []
+    splits = "".join(f"{f.name}:{sha256_file(f)};" for f in files).encode()
+    return code_deps.digest("stages.train_rafdb", json.dumps(opts, sort_keys=True, default=str).encode(),
+                            splits)[:16]
 
 
 @dataclass
@@ -188,19 +207,38 @@ class _Runner:
             init = str(_init_path(self.work, cfg0.network(), self.source))
         else:
             init = self.results[(spec.init[5:], seed)]["model_path"]
-        # A fresh Train run per invocation (never a stale model from older code or data).
-        opts.update(data=str(self.root / "data" / "parquet" / spec.dataset), init=init,
-                    storage_path=f"{storage.rstrip('/')}/ablation/{self.ablation_id}",
-                    run_name=f"{spec.key}-s{seed}",
+        opts.update(data=str(self.root / "data" / "parquet" / spec.dataset), init=init)
+        key = fingerprint(opts, self.root / "data" / "parquet" / spec.dataset)
+        # Ray's run folder is named by the fingerprint: a rerun of the same row continues from its
+        # last checkpoint, and a row whose code, data or settings changed starts afresh.
+        opts.update(storage_path=f"{storage.rstrip('/')}/ablation/{key}", run_name=f"{spec.key}-s{seed}",
                     output=str(self.work / spec.key / f"seed{seed}"))
-        return TrainConfig.from_dict(opts)
+        return TrainConfig.from_dict(opts), key
+
+    def _done(self, spec: Spec, seed: int, key: str) -> dict[str, Any] | None:
+        """The result of this (row, seed) from an earlier invocation with the same fingerprint."""
+        f = self.work / spec.key / f"seed{seed}" / DONE_FILE
+        try:
+            done = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+        if done.get("fingerprint") != key or not Path(done.get("model_path", "")).is_file():
+            return None
+        return done
 
     def run(self, spec: Spec, seed: int) -> dict[str, Any]:
         from pipeline import tracking
         from pipeline.evaluate import evaluate_checkpoint
         from pipeline.train.launch import run_training
 
-        cfg = self._config(spec, seed)
+        cfg, key = self._config(spec, seed)
+        done = self._done(spec, seed, key)
+        if done is not None:
+            print(f"ablation {spec.key} seed {seed}: trained and evaluated earlier with the same code, data "
+                  f"and settings (MLflow run {done['run_id']}): not retrained", flush=True)
+            with self.lock:
+                self.results[(spec.key, seed)] = done
+            return done
         with tracking.tracked_run(
                 self.experiment, f"ablation-{spec.key}-s{seed}", stage="ablation", dataset=spec.dataset,
                 params=cfg.to_dict(),
@@ -215,6 +253,7 @@ class _Runner:
             tracking.log_metrics(run_id, {"best_val_accuracy": summary["best_val_accuracy"],
                                           "epochs_run": summary["epochs_run"]})
         out = {"run_id": run_id, "model_path": summary["model_path"], "metrics": metrics}
+        (Path(cfg.output) / DONE_FILE).write_text(json.dumps({**out, "fingerprint": key}, indent=1))
         print(f"ablation {spec.key} seed {seed}: ten-crop {metrics['accuracy']:.4f}, "
               f"centre {metrics['accuracy_center']:.4f} (MLflow run {run_id})", flush=True)
         with self.lock:
@@ -390,92 +429,6 @@ def _schedule(runner: _Runner, ready: list, waiting: list, conc: int, failures: 
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.5)  # keeps the main thread responsive to Ctrl-C
-
-
-# --------------------------------------------------------------------------- report
-def comparisons(rows: list[Row]) -> dict[str, dict[str, Any]]:
-    """Row key -> ``pipeline.noise.compare`` of the row against its reference (REFS; the SFEW row
-    against ``sfew_scratch`` when ``sfew_imagenet`` did not run), plus ``ref``."""
-    from pipeline.noise import compare
-
-    by_key = {r.key: r for r in rows}
-    out = {}
-    for r in rows:
-        ref = REFS.get(r.key)
-        if ref == "sfew_imagenet" and not (by_key.get(ref) and by_key[ref].values):
-            ref = "sfew_scratch"
-        if not ref or ref not in by_key or not r.values or not by_key[ref].values:
-            continue
-        out[r.key] = dict(compare(r.values, by_key[ref].values), ref=ref)
-    return out
-
-
-def fmt_value(values: list[float]) -> str:
-    """Test accuracy in %: one run -> "84.12", several -> "84.12 ± 0.53" (sample std)."""
-    if not values:
-        return ""
-    mean = statistics.fmean(values) * 100
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f}"
-
-
-def render(rows: list[Row], meta: dict[str, Any]) -> str:
-    from pipeline.noise import fmt_compare
-
-    cmp = comparisons(rows)
-
-    def table(n: int, title: str) -> list[str]:
-        out = [f"## {title}", "",
-               "| Row | Setting | Metric | Ours (test %) | vs reference row | Paper (%) | MLflow run id(s) |",
-               "|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r.table == n):
-            ours = fmt_value(r.values) if r.values else (r.reason or "not run")
-            vs = f"`{cmp[r.key]['ref']}`: {fmt_compare(cmp[r.key])}" if r.key in cmp else "—"
-            paper = f"{r.paper:.2f}" if r.paper is not None else "—"
-            runs = ", ".join(f"`{i}`" for i in r.run_ids) if r.run_ids else "—"
-            out.append(f"| `{r.key}` | {r.label} | {r.metric} | {ours} | {vs} | {paper} | {runs} |")
-        return out + [""]
-
-    seeds = meta["seeds"]
-    n_test = meta["n_test"]
-    lines = [
-        "# Ablation study: LIP-VGG16", "",
-        f"Written by `fer ablation` (id `{meta['ablation_id']}`, git `{meta['commit']}`, "
-        f"{meta['wall_s']:.0f} s; parent MLflow run `{meta['parent_run_id']}`). "
-        f"Each row: {len(seeds)} training run(s) per seed budget (seeds {', '.join(map(str, seeds))}"
-        + (f", {meta['epochs']} epochs each" if meta["epochs"] else ", epochs from params")
-        + f"), then the test split (RAF-DB n={n_test.get('rafdb')}, SFEW n={n_test.get('sfew')}). "
-        + ("Figures are the mean ± sample standard deviation over seeds." if len(seeds) > 1 else
-           "One seed: single-run figures, no spread."),
-        f"Network: `{json.dumps(meta['model'], sort_keys=True)}` (rows override pool/head/attention); "
-        f"training settings from `train_rafdb` / `finetune_sfew`; ImageNet init: "
-        f"{meta['source'] or 'none (rows that need it are marked not run)'}.",
-        "",
-    ]
-    lines += table(1, "Table 1: RAF-DB")
-    lines += table(3, "Table 3: SFEW 2.0 (fine-tuning)")
-    lines += [
-        "Notes:", "",
-        "- Metric `accuracy_center` is single centre-crop top-1 accuracy; `accuracy` is ten-crop "
-        "(the paper's test protocol). Both are logged on every run as `test_accuracy_center` / "
-        "`test_accuracy`.",
-        "- Paper figures carried here, and only these: RAF-DB VGG16 81.68 (row `vgg16`) and "
-        "LIP-VGG16 86.31 (set beside row `imagenet`, the end of the paper's progression: LIP, "
-        "ten-crop and ImageNet pre-training); SFEW from ImageNet init 50.00 and from the RAF-DB "
-        "model 57.34. '—' means the paper gives no figure for that row here (the attention rows are "
-        "not in the paper at all).",
-        "- `vs reference row`: the difference to the row this one adds a change to, tested against the "
-        "seed noise (Welch's t-test on the per-seed figures, two-sided, 5%): *beyond noise* or "
-        "*within noise* (a tie at this number of seeds); with one seed the noise is unknown. "
-        "`reports/ablation.json` holds the same figures with t, df and p.",
-        "- Rows that share a model share runs: `ten_crop` reads the ten-crop accuracy of the `lip` "
-        "runs; `sfew_rafdb` fine-tunes the RAF-DB model named in its label.",
-        "- On the built-in synthetic data at CPU size these numbers test the pipeline, not the "
-        "paper: only real RAF-DB / SFEW 2.0 at width 1.0 with ImageNet weights are comparable.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from pipeline import ablation as A
+from pipeline import ablation_report as AR
 from pipeline.errors import FerError
 from tiny_project import NETWORK_AND_RAY, make_project
 
@@ -99,12 +100,12 @@ def test_plan_with_imagenet_weights(tmp_path):
 
 
 def test_report_format():
-    assert A.fmt_value([0.5]) == "50.00"
-    assert A.fmt_value([0.5, 0.6]) == "55.00 ± 7.07"
+    assert AR.fmt_value([0.5]) == "50.00"
+    assert AR.fmt_value([0.5, 0.6]) == "55.00 ± 7.07"
     rows = [A.Row("vgg16", 1, "VGG16", "accuracy_center", "s1", paper=81.68, values=[0.25], run_ids=["r1"]),
             A.Row("imagenet", 1, "+ ImageNet", "accuracy", None, A.NO_WEIGHTS, 86.31),
             A.Row("sfew_rafdb", 3, "SFEW", "accuracy", "s2", paper=57.34, values=[0.5, 0.6], run_ids=["a", "b"])]
-    text = A.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
+    text = AR.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
                            "seeds": [0, 1], "epochs": 2, "n_test": {"rafdb": 10, "sfew": 5},
                            "model": {"pool": "lip"}, "source": None})
     assert "| `vgg16` | VGG16 | accuracy_center | 25.00 | — | 81.68 | `r1` |" in text
@@ -119,12 +120,12 @@ def test_rows_are_tested_against_their_reference_row():
             A.Row("ten_crop", 1, "+ ten-crop", "accuracy", "s2", values=[0.81, 0.80, 0.83]),
             A.Row("sfew_scratch", 3, "scratch", "accuracy", "s3", values=[0.3]),
             A.Row("sfew_rafdb", 3, "SFEW", "accuracy", "s4", values=[0.5])]
-    cmp = A.comparisons(rows)
+    cmp = AR.comparisons(rows)
     assert cmp["lip"]["ref"] == "vgg16" and cmp["lip"]["verdict"] == "higher"
     assert cmp["ten_crop"]["verdict"] == "tie"
     assert cmp["sfew_rafdb"]["ref"] == "sfew_scratch" and cmp["sfew_rafdb"]["verdict"] == "n/a"
     assert "vgg16" not in cmp
-    text = A.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
+    text = AR.render(rows, {"ablation_id": "x", "commit": "c", "wall_s": 1.0, "parent_run_id": "p",
                            "seeds": [0, 1, 2], "epochs": 2, "n_test": {"rafdb": 10, "sfew": 5},
                            "model": {"pool": "lip"}, "source": None})
     assert "`vgg16`: +10.0 pts, beyond noise (p=" in text
@@ -202,3 +203,15 @@ def test_ablation_report_matches_mlflow_runs(ablation_repo):
     sfew = client.get_run(by["sfew_rafdb"]["run_ids"][0])
     assert sfew.data.params["init"].endswith("model.pt") and "rafdb-lip-conv-eca" in sfew.data.params["init"]
     assert client.get_run(by["vgg16"]["run_ids"][0]).data.params["pool"] == "max"
+
+    # a rerun (the same code, data and settings) takes every finished (row, seed) as it is
+    ensure_ray()
+    try:
+        again = A.run_ablation("params.yaml", seeds=1, epochs=2, output="reports/ablation.md")
+    finally:
+        ray.shutdown()
+    assert [r["run_ids"] for r in again] == [r["run_ids"] for r in rows]
+    assert [r["values"] for r in again] == [r["values"] for r in rows]
+    runs = client.search_runs([client.get_experiment_by_name("ablation-test").experiment_id],
+                              "tags.stage = 'ablation' and tags.ablation_spec != ''")
+    assert len(runs) == 6, [r.data.tags.get("ablation_spec") for r in runs]  # nothing retrained
