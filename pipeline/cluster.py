@@ -142,12 +142,15 @@ def worker_resources(use_gpu: bool | str, num_workers: int, cpus_per_worker: flo
 def placement_failure(error: BaseException) -> str | None:
     """The one line for a worker group Ray Train could not place (``WorkerGroupStartupTimeoutError``
     anywhere in ``error``'s chain or text), naming what the cluster has; None for other errors."""
-    seen, e, text = set(), error, ""
-    while e is not None and id(e) not in seen:
+    seen, todo, text = set(), [error], ""
+    while todo:  # the chain, and what Ray Train's ControllerError wraps (its text omits the type)
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         text += f" {type(e).__name__} {e}"
-        e = e.__cause__ or e.__context__
-    if "WorkerGroupStartupTimeoutError" not in text and "WorkerGroupStartupFailedError" not in text:
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+    if not any(name in text for name in ray_workarounds.PLACEMENT_ERRORS):
         return None
     try:
         nodes = _alive_nodes()

@@ -11,8 +11,9 @@ and this pin moved with it.
    worker): its logger is named after its file path, so ``LoggingConfig`` misses it
    (``quiet_report_logger``, called when :mod:`pipeline` is imported, in every process).
 3. **Tracebacks for an expected node loss**: dozens of lines per dead worker and per surviving
-   peer before Ray restarts the group (``PeerFailureFilter``, installed in every process of the
-   job by Ray's ``worker_process_setup_hook`` = ``one_line_peer_failures``).
+   peer before Ray restarts the group, and the controller's traceback when no node is left that
+   can hold a worker (``PeerFailureFilter``, installed in every process of the job by Ray's
+   ``worker_process_setup_hook`` = ``one_line_peer_failures``).
 4. **Lines printed twice in a worker**: Ray Train V2 patches ``print`` to tee into its logger
    (``say`` writes to stdout directly); its per-report INFO lines also reach the console through
    the root logger (``quiet_ray_train_logger``, in the face-set loop).
@@ -83,7 +84,11 @@ class PeerFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
+        if exc is not None and type(exc).__name__ in PLACEMENT_ERRORS:
+            # the controller's traceback for a worker group it cannot place: the driver says it
+            # in one line (pipeline.cluster.placement_failure), so here its first line only
+            record.msg = record.getMessage().splitlines()[0][:300]
+        elif exc is not None and type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError"):
             why = [ln.strip() for ln in str(exc).splitlines()
                    if ln.strip().startswith(("pid:", "ip:", "The actor died because", "the actor's node"))]
             record.msg = f"{record.getMessage()} [{type(exc).__name__}: {'; '.join(why) or str(exc)[:200]}]"
@@ -98,6 +103,9 @@ class PeerFailureFilter(logging.Filter):
         record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
+
+#: Ray Train's errors for a worker group that cannot be placed (no node has what a worker asks for).
+PLACEMENT_ERRORS = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError")
 
 #: What a collective raises in the survivors when a peer process or its node died (gloo, NCCL).
 PEER_GONE = re.compile(r"Connection (reset|closed) by peer|NCCL communicator was aborted"

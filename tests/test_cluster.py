@@ -72,6 +72,20 @@ def test_placement_failure_is_one_line():
     assert placement_failure(RuntimeError("a bug")) is None
 
 
+def test_placement_failure_is_told_through_ray_trains_controller_error():
+    """What `trainer.fit()` really raises after a lost node: Ray Train's ControllerError, whose text
+    holds the timeout's message but not its type (found on a two-node cluster)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from pipeline.cluster import placement_failure
+
+    e = ControllerError(WorkerGroupStartupTimeoutError(1))
+    assert "WorkerGroupStartupTimeoutError" not in str(e)
+    line = placement_failure(e)
+    assert line and "could not place the training workers" in line
+
+
 def _ray_cli():
     import shutil
     import sys
@@ -165,3 +179,22 @@ def test_peer_failures_become_one_line_and_other_errors_keep_their_traceback():
     except ValueError as e:
         rec = logging.LogRecord("ray.train.x", logging.ERROR, __file__, 1, "failed", (), (ValueError, e, e.__traceback__))
     assert f.filter(rec) and "Traceback" in fmt.format(rec)
+
+
+def test_an_unplaceable_worker_group_and_a_workers_user_error_print_no_traceback():
+    """The controller's record for a worker group no node can hold keeps its first line only (the
+    driver's one line says the rest); a worker's FerError record is dropped (the driver prints it)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from pipeline.ray_workarounds import PeerFailureFilter
+
+    f, fmt = PeerFailureFilter(), logging.Formatter()
+    e = WorkerGroupStartupTimeoutError(1)
+    rec = logging.LogRecord("ray.train.x", logging.ERROR, __file__, 1, "Error in control loop iteration: %s",
+                            (e,), (type(e), e, None))
+    assert f.filter(rec)
+    out = fmt.format(rec)
+    assert "\n" not in out and out.startswith("Error in control loop iteration: The worker group startup timed out")
+    told = ("Error in training function:\nTraceback (most recent call last):\n  File \"w.py\", line 1\n"
+            "pipeline.errors.FerError: cannot read split 'val'\n")
+    assert not f.filter(_record(told))
