@@ -134,12 +134,7 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
         raylets = {_raylet(n): n for n in (head, *nodes)}
         wait_ready(mlflow_server, f"http://127.0.0.1:{ml_port}/health", tmp_path / "mlflow.log")
 
-        work = tmp_path / "repo"
-        work.mkdir()
-        _copy_repo(work)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
-        (work / "mlflow.db").unlink(missing_ok=True)
+        work = _small_repo(tmp_path, TINY)
         shutil.rmtree(work / "mlartifacts", ignore_errors=True)
         job = {**env, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ml_port}",
                **{f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}}
@@ -207,7 +202,7 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"http://127.0.0.1:{ml_port}")
-        exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
+        exp = client.get_experiment_by_name(yaml.safe_load((work / "params.yaml").read_text())["mlflow"]["experiment"])
         runs = client.search_runs([exp.experiment_id])
         stages = {r.data.tags.get("stage") for r in runs if r.info.status == "FINISHED"}
         assert {"train_rafdb", "finetune_sfew", "evaluate"} <= stages, stages
@@ -236,12 +231,29 @@ def test_dvc_repro_on_a_cluster_with_object_storage_and_a_tracking_server(tmp_pa
         assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
         assert "up to date" in r.stdout, r.stdout
     finally:
-        for p in reversed(procs):
-            _end_group(p)
-        current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would forget
-        if current.is_file() and current.read_text().strip().endswith(f":{ray_port}"):
-            current.unlink()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _end_cluster(procs, ray_port, ray_tmp)
+
+
+def _small_repo(tmp_path: Path, over: dict) -> Path:
+    """A copy of the project under ``tmp_path/repo`` with ``over`` merged into its params and no
+    MLflow store of its own yet."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    _copy_repo(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, over), sort_keys=False))
+    (work / "mlflow.db").unlink(missing_ok=True)
+    return work
+
+
+def _end_cluster(procs: list, ray_port: int, ray_tmp: str) -> None:
+    """End what a test started (newest first), and what `ray stop` would forget."""
+    for p in reversed(procs):
+        _end_group(p)
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{ray_port}"):
+        current.unlink()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _ray_env(env: dict) -> dict:
@@ -331,12 +343,7 @@ def test_a_lost_node_no_other_can_replace_stops_training_in_one_line(tmp_path):
         ray_env = _ray_env(env)
         _ray_node(0, address, ray_tmp, ray_env, procs, tmp_path, cpus=1)
         big = _ray_node(1, address, ray_tmp, ray_env, procs, tmp_path, cpus=2)
-        work = tmp_path / "repo"
-        work.mkdir()
-        _copy_repo(work)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, LOST), sort_keys=False))
-        (work / "mlflow.db").unlink(missing_ok=True)
+        work = _small_repo(tmp_path, LOST)
         job = {**env, "RAY_ADDRESS": address,
                **{f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}}
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
@@ -363,9 +370,4 @@ def test_a_lost_node_no_other_can_replace_stops_training_in_one_line(tmp_path):
         assert "Traceback" not in out, out[-4000:]
         print(f"stopped {waited:.0f} s after the kill: {ours[0]}")
     finally:
-        for p in reversed(procs):
-            _end_group(p)
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and current.read_text().strip().endswith(f":{ray_port}"):
-            current.unlink()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _end_cluster(procs, ray_port, ray_tmp)
