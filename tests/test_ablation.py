@@ -4,6 +4,7 @@ against the MLflow runs they name."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import textwrap
@@ -78,7 +79,7 @@ def test_plan_without_imagenet_weights(tmp_path):
     assert sfew.dataset == "sfew" and sfew.init == f"spec:{by['attention_on'].spec}"
     assert specs[by["sfew_scratch"].spec].init == "none"
     assert len(specs) == 6  # vgg16, lip, attention off/on, sfew scratch, sfew from rafdb
-    assert [r.paper for r in rows] == [81.68, None, None, 86.31, None, None, 50.00, None, 57.34]
+    assert [r.paper for r in rows] == [81.68, 83.15, 84.97, 86.31, None, None, 50.00, None, 57.34]
 
 
 def test_plan_with_imagenet_weights(tmp_path):
@@ -173,13 +174,13 @@ def test_ablation_report_matches_mlflow_runs(ablation_repo):
         key, _label, metric, ours, vs_ref, paper, run_cell = cells
         assert metric == row["metric"]
         # one seed: a difference to the reference row is stated, its noise is not known
-        ref = {"lip": "vgg16", "ten_crop": "lip", "attention_on": "attention_off",
+        ref = {"lip": "vgg16", "ten_crop": "lip", "attention_off": "ten_crop", "attention_on": "attention_off",
                "sfew_rafdb": "sfew_scratch"}.get(row["key"])
         if ref and row["status"] == "ok":
             assert vs_ref.startswith(f"`{ref}`: ") and "noise unknown (one seed)" in vs_ref, vs_ref
         else:
             assert vs_ref == "—", vs_ref
-        assert paper == ({"vgg16": "81.68", "imagenet": "86.31", "sfew_imagenet": "50.00",
+        assert paper == ({"vgg16": "81.68", "lip": "83.15", "ten_crop": "84.97", "imagenet": "86.31", "sfew_imagenet": "50.00",
                           "sfew_rafdb": "57.34"}.get(row["key"], "—"))
         if row["key"] in ("imagenet", "sfew_imagenet"):
             assert ours == A.NO_WEIGHTS and run_cell == "—" and row["status"] == A.NO_WEIGHTS
@@ -215,3 +216,23 @@ def test_ablation_report_matches_mlflow_runs(ablation_repo):
     runs = client.search_runs([client.get_experiment_by_name("ablation-test").experiment_id],
                               "tags.stage = 'ablation' and tags.ablation_spec != ''")
     assert len(runs) == 6, [r.data.tags.get("ablation_spec") for r in runs]  # nothing retrained
+
+
+def test_a_report_is_rewritten_from_its_json_in_the_current_format(tmp_path):
+    rows = [A.Row("vgg16", 1, "VGG16", "accuracy_center", "s1", values=[0.70, 0.72, 0.71], run_ids=["a", "b", "c"]),
+            A.Row("imagenet", 1, "+ ImageNet", "accuracy", None, A.NO_WEIGHTS)]
+    meta = {"ablation_id": "x", "commit": "c", "wall_s": 5000.0, "parent_run_id": "p", "seeds": [0, 1, 2],
+            "epochs": None, "n_test": {"rafdb": 10, "sfew": 5}, "model": {"pool": "lip"}, "source": None}
+    j = tmp_path / "ablation.json"
+    # as an older format wrote it: no paper figure on the row
+    j.write_text(json.dumps({"meta": meta, "rows": [{**r.as_dict(), "paper": None} for r in rows]}))
+    md = AR.rerender(j, tmp_path / "ablation.md")
+    text = md.read_text()
+    assert "| `vgg16` | VGG16 | accuracy_center | 71.00 ± 1.00 | — | 81.68 | `a`, `b`, `c` |" in text
+    assert f"| `imagenet` | + ImageNet | accuracy | {A.NO_WEIGHTS} | — | 86.31 | — |" in text
+    assert "5000 s" in text  # the meta of the run that made the figures is kept
+    again = json.loads(j.read_text())
+    assert again["rows"][0]["values"] == [0.70, 0.72, 0.71] and again["rows"][0]["paper"] == 81.68
+    j.write_text("{not json")
+    with pytest.raises(FerError, match="not an ablation report"):
+        AR.rerender(j, tmp_path / "ablation.md")

@@ -122,3 +122,30 @@ def test_main_refuses_a_readme_without_markers_and_writes_nothing(tmp_path):
     else:
         raise AssertionError("main() accepted a README without markers")
     assert readme.read_text() == "# no markers\n" and not docs.exists() and not reports.exists()
+
+
+def test_ablation_block_sets_our_rows_beside_the_papers():
+    def row(key, table, metric, values, status="ok"):
+        return {"key": key, "table": table, "label": key.upper(), "metric": metric, "status": status,
+                "values": values, "run_ids": [], "paper": None}
+
+    a = {"meta": {"ablation_id": "x", "commit": "abcdef0123", "seeds": [0, 1, 2], "wall_s": 7200.0},
+         "rows": [row("vgg16", 1, "accuracy_center", [0.80, 0.82, 0.81]),
+                  row("lip", 1, "accuracy_center", [0.70, 0.71, 0.69]),
+                  row("ten_crop", 1, "accuracy", [0.70, 0.72, 0.71]),
+                  row("imagenet", 1, "accuracy", [], "not run: no ImageNet weights"),
+                  row("sfew_scratch", 3, "accuracy", [0.5, 0.52, 0.51]),
+                  row("sfew_rafdb", 3, "accuracy", [0.6, 0.62, 0.61])]}
+    lines = R.ablation_lines(a)
+    text = "\n".join(lines)
+    vgg = next(x for x in lines if "`vgg16`" in x)
+    assert "81.0 ± 1.0 (n=3)" in vgg and "| 81.68 | — |" in vgg
+    lip = next(x for x in lines if "`lip`" in x)
+    assert "`vgg16`: -11.0 pts, beyond noise" in lip and "| 83.15 | +1.47 pts vs `vgg16` |" in lip
+    assert "| 84.97 | +1.82 pts vs `lip` |" in next(x for x in lines if "`ten_crop`" in x)
+    assert "not run: no ImageNet weights" in next(x for x in lines if "`imagenet`" in x)
+    # the SFEW row is compared with the stand-in row when the ImageNet one did not run
+    assert "`sfew_scratch`: +10.0 pts, beyond noise" in next(x for x in lines if "`sfew_rafdb`" in x)
+    assert "LIP against VGG16-BN's max pooling at this size hurts: -11.0 pts" in text
+    assert "git `abcdef0`" in text and "2.0 h" in text
+    assert R.ablation_lines({})[0].startswith("`fer ablation` has not been run")
