@@ -101,6 +101,14 @@ class Row:
                 "mean": mean, "std": std, "values": list(self.values), "run_ids": list(self.run_ids),
                 "paper": self.paper}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Row":
+        """A row as :meth:`as_dict` wrote it (``reports/ablation.json``), with the paper figure this
+        code carries (the figures are the code's, not the run's)."""
+        return cls(d["key"], int(d["table"]), d["label"], d["metric"], None,
+                   "" if d.get("status") == "ok" else str(d.get("status") or ""), PAPER.get(d["key"]),
+                   [float(v) for v in d.get("values") or []], list(d.get("run_ids") or []))
+
 
 # --------------------------------------------------------------------------- plan
 def _imagenet_status(params: dict[str, Any], root: Path, model_cfgs: list[dict[str, Any]], work: Path

@@ -108,15 +108,12 @@ def rerender(json_path: str | Path, md_path: str | Path) -> Path:
     reference rows, the paper's figures), without retraining: the per-seed figures, run ids and the
     meta of the run that made them are kept as they are; only the comparisons and the text follow
     the current code."""
-    from pipeline.ablation import PAPER, Row
+    from pipeline.ablation import Row
 
     json_path, md_path = Path(json_path), Path(md_path)
     try:
         data = json.loads(json_path.read_text())
-        rows = [Row(r["key"], int(r["table"]), r["label"], r["metric"], None,
-                    "" if r.get("status") == "ok" else str(r.get("status") or ""),
-                    PAPER.get(r["key"]), [float(v) for v in r.get("values") or []], list(r.get("run_ids") or []))
-                for r in data["rows"]]
+        rows = [Row.from_dict(r) for r in data["rows"]]
         meta = data["meta"]
         text = render(rows, meta)
     except (OSError, ValueError, KeyError, TypeError) as e:

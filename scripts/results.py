@@ -329,6 +329,10 @@ def fewer_epochs_lines(root: Path = ROOT) -> list[str]:
                else f". Every seed run at 45 epochs meets the targets ({len(runs)} of them)."), ""]
 
 
+#: A comparison's verdict (pipeline.noise.compare) as a sentence's verb.
+VERDICT_WORD = {"higher": "helps", "lower": "hurts", "tie": "ties (within the seed noise)",
+                "n/a": "cannot be judged (one seed)"}
+
 #: The ablation's rows in the paper's order, and for the paper's step beside ours the row each adds a change
 #: to in the paper's own progression.
 ABLATION_ORDER = [(1, "vgg16", None), (1, "lip", "vgg16"), (1, "ten_crop", "lip"), (1, "imagenet", "ten_crop"),
@@ -348,10 +352,8 @@ def ablation_lines(a: dict | None = None) -> list[str]:
         return ["`fer ablation` has not been run at this commit (no `reports/ablation.json`): LIP vs "
                 "VGG16-BN at the default size is not measured here; `fer ablation --seeds 3` measures it "
                 "and this block then shows it."]
-    rows = {r["key"]: r for r in a["rows"]}
-    # compared here from the per-seed figures, by the report's current reference rows
-    cmp = comparisons([Row(r["key"], r["table"], r["label"], r["metric"], None, values=list(r.get("values") or []))
-                       for r in a["rows"]])
+    rows = {r.key: r for r in map(Row.from_dict, a["rows"])}
+    cmp = comparisons(list(rows.values()))  # by the report's current reference rows
     meta = a["meta"]
     n = len(meta.get("seeds") or [])
     out = [f"`fer ablation --seeds {n}` (id `{meta.get('ablation_id')}`, git `{str(meta.get('commit'))[:7]}`, "
@@ -361,24 +363,19 @@ def ablation_lines(a: dict | None = None) -> list[str]:
            "| table | row | ours, test acc % | ours vs the row it adds to | paper % | paper's step |",
            "|---|---|---|---|---|---|"]
 
-    def paper(key):
-        r = rows.get(key) or {}
-        return r.get("paper") if r.get("paper") is not None else PAPER.get(key)
-
     for table, key, paper_ref in ABLATION_ORDER:
         r = rows.get(key)
         if r is None:
             continue
-        ours = fmt_pct(r["values"]) if r.get("values") else r.get("status", "not run")
+        ours = fmt_pct(r.values) if r.values else (r.reason or "not run")
         vs = f"`{cmp[key]['ref']}`: {fmt_compare(cmp[key])}" if key in cmp else "—"
-        p, pr = paper(key), paper(paper_ref) if paper_ref else None
+        p, pr = PAPER.get(key), PAPER.get(paper_ref)
         step = f"{p - pr:+.2f} pts vs `{paper_ref}`" if p is not None and pr is not None else "—"
-        out.append(f"| {table} | `{key}`: {r['label']} ({r['metric']}) | {ours} | {vs} | "
+        out.append(f"| {table} | `{key}`: {r.label} ({r.metric}) | {ours} | {vs} | "
                    f"{f'{p:.2f}' if p is not None else '—'} | {step} |")
     c = cmp.get("lip")
     if c:
-        word = {"higher": "helps", "lower": "hurts", "tie": "ties (within the seed noise)",
-                "n/a": "cannot be judged (one seed)"}[c["verdict"]]
+        word = VERDICT_WORD[c["verdict"]]
         out += ["", f"LIP against VGG16-BN's max pooling at this size {word}: {fmt_compare(c)} "
                     f"(centre crop; the paper: {PAPER['lip'] - PAPER['vgg16']:+.2f} pts on real RAF-DB)."]
     return out
@@ -389,8 +386,7 @@ def pooling_verdict(summ: dict) -> str:
     if not c:
         return "LIP vs max pooling on the default recipe: not run (both rows need their runs)."
     acc, mca = c["val_accuracy"], c["val_mean_class_accuracy"]
-    word = {"higher": "helps", "lower": "hurts", "tie": "ties (within the seed noise)",
-            "n/a": "cannot be judged (one seed)"}[acc["verdict"]]
+    word = VERDICT_WORD[acc["verdict"]]
     return (f"LIP at this size {word} on val accuracy: {fmt_compare(acc)}; on val mean class accuracy "
             f"{fmt_compare(mca)}.")
 
