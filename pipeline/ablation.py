@@ -138,13 +138,14 @@ def _init_path(work: Path, model_cfg: dict[str, Any], source: str) -> Path:
 def plan(params: dict[str, Any], root: Path, work: Path) -> tuple[list[Row], dict[str, Spec], str | None]:
     """The rows, the training specs they need, and the usable ImageNet source (or None)."""
     model = section(params, "model")
-    net = {k: model[k] for k in ("width", "lip_bottleneck", "lip_norm", "dropout") if k in model}
+    net = {k: model[k] for k in ("width", "lip_bottleneck", "lip_norm", "lip_start", "dropout") if k in model}
 
     def mc(pool, head, attention, num_classes=7):
         return {"num_classes": num_classes, "pool": pool, "head": head, "attention": attention,
                 "width": float(net.get("width", 1.0)), "lip_bottleneck": float(net.get("lip_bottleneck", 0.25)),
                 "dropout": float(net.get("dropout", 0.5)),
-                **({"lip_norm": False} if pool == "lip" and net.get("lip_norm") is False else {})}
+                **({"lip_norm": False} if pool == "lip" and net.get("lip_norm") is False else {}),
+                **({"lip_start": net["lip_start"]} if pool == "lip" and net.get("lip_start", "avg") != "avg" else {})}
 
     full = (model.get("pool", "lip"), model.get("head", "conv"), model.get("attention", "eca"))
     needs_imagenet = [mc("lip", "fc", "none"), mc("lip", "conv", "none"), mc("lip", "conv", "eca"), mc(*full)]

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # The allowed values of the network's, optimiser's and sampler's switches (pipeline.model.vgg,
 # pipeline.train.steps, pipeline.train.imbalance read them from here).
 POOLS, HEADS, ATTENTIONS = ("lip", "max", "avg"), ("conv", "fc"), ("eca", "none")
+#: How LIP's logits start: "avg" (constant: average pooling, the paper's module) or "max" (a soft max pooling).
+LIP_STARTS = ("avg", "max")
 OPTIMIZERS, SCHEDULES, SAMPLERS = ("sgd", "adamw"), ("cosine", "step", "onecycle"), ("shuffle", "balanced")
 MIN_SIZE, MAX_SIZE = 48, 224  # the input sizes LIP-VGG16 accepts (five 2x2 pools)
 
@@ -78,6 +80,8 @@ class Model(_Section):
     width: float = _d(1.0, "must be in (0, 4]", gt=0, le=4)
     lip_bottleneck: float = _d(0.25, "must be in (0, 1]", gt=0, le=1)
     lip_norm: bool = _d(True, "must be true or false (false: the LIP logit module without InstanceNorms)")
+    lip_start: Literal[LIP_STARTS] = _d("avg", f"must be one of {list(LIP_STARTS)} (how LIP's logits start: "
+                                        "avg = average pooling, the paper's module; max = a soft max pooling)")
     dropout: float = _d(0.5, "must be in [0, 1)", ge=0, lt=1)
     compile: bool = _d(False, "must be true or false")
 
@@ -234,7 +238,7 @@ NOT_TUNABLE = frozenset({"data", "output", "storage_path", "run_name", "mlflow_r
                          "amp", "channels_last"})
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 #: The network's shape: fixed when a sweep fine-tunes models/rafdb on SFEW.
-ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck", "lip_norm")
+ARCH_KEYS = ("pool", "head", "attention", "width", "lip_bottleneck", "lip_norm", "lip_start")
 
 
 def tunable_keys() -> list[str]:

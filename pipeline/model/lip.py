@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.params_schema import LIP_STARTS
+
 
 def lip2d(x: torch.Tensor, logits: torch.Tensor, kernel_size: int = 2, stride: int = 2,
           padding: int = 0) -> torch.Tensor:
@@ -116,6 +118,14 @@ class SoftGate(nn.Module):
 class LIPLogit(nn.Module):
     """G(I): a conv/InstanceNorm/ReLU bottleneck ending in SoftGate (the LIP paper's BottleneckLIP).
 
+    `start="max"` adds a per-channel gain on the input itself before the gate,
+    G = SoftGate(body(I) + gain * I), the gain starting at `MAX_START_GAIN`: the LIP paper's own
+    special case G(I) = beta * I, which tends to max pooling as beta grows. LIP then starts as a soft
+    max pooling (within a window of post-ReLU features ~1 apart, the larger weighs ~e^3 more) and
+    learns from where max pooling learns fast, instead of from average pooling, which learns slowest
+    of the three on the embedded set (reports/recipe.md); the body's zero-gain last norm still joins
+    smoothly. `start="avg"` is the module as the paper describes it.
+
     The last InstanceNorm's gain and bias start at zero, so at start every logit is
     SoftGate(0) = 6 and LIP is average pooling: ImageNet-initialised features are not disturbed
     before the logits learn, and the logits then depart from a constant in proportion to the gain.
@@ -126,10 +136,17 @@ class LIPLogit(nn.Module):
     average pooling for ever.
     """
 
-    def __init__(self, channels: int, bottleneck: float = 0.25, norm: bool = True):
+    MAX_START_GAIN = 1.0
+
+    def __init__(self, channels: int, bottleneck: float = 0.25, norm: bool = True, start: str = "avg"):
         super().__init__()
+        if start not in LIP_STARTS:
+            raise ValueError(f"LIPLogit: start={start!r}, expected one of {LIP_STARTS}")
         r = max(8, int(round(channels * bottleneck)))
         self.norm = norm
+        # only with start="max": the paper's module keeps its state-dict keys (and checkpoints)
+        self.input_gain = (nn.Parameter(torch.full((1, channels, 1, 1), self.MAX_START_GAIN))
+                           if start == "max" else None)
         if norm:
             self.body = nn.Sequential(
                 nn.Conv2d(channels, r, 1, bias=False),
@@ -159,19 +176,27 @@ class LIPLogit(nn.Module):
         last = self.body[7] if self.norm else self.body[4]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+        if self.input_gain is not None:
+            nn.init.constant_(self.input_gain, self.MAX_START_GAIN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if self.input_gain is None:
+            return self.body(x)
+        *pre, gate = self.body
+        h = x
+        for layer in pre:
+            h = layer(h)
+        return gate(torch.addcmul(h, x, self.input_gain))
 
 
 class LIPPool2d(nn.Module):
     """Drop-in replacement for VGG's 2x2/stride-2 max pool."""
 
     def __init__(self, channels: int, kernel_size: int = 2, stride: int = 2, bottleneck: float = 0.25,
-                 norm: bool = True):
+                 norm: bool = True, start: str = "avg"):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
-        self.logit = LIPLogit(channels, bottleneck, norm)
+        self.logit = LIPLogit(channels, bottleneck, norm, start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logit(x)

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.model.attention import ECA
 from pipeline.model.lip import LIPPool2d
-from pipeline.params_schema import ATTENTIONS, HEADS, MAX_SIZE, MIN_SIZE, POOLS
+from pipeline.params_schema import ATTENTIONS, HEADS, LIP_STARTS, MAX_SIZE, MIN_SIZE, POOLS
 
 VGG16_CFG = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
 
@@ -18,12 +18,14 @@ def _scaled(c: int, width: float) -> int:
     return max(8, int(round(c * width)))
 
 
-def _features(pool: str, width: float, lip_bottleneck: float, lip_norm: bool = True) -> nn.Sequential:
+def _features(pool: str, width: float, lip_bottleneck: float, lip_norm: bool = True,
+              lip_start: str = "avg") -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in = 3
     for v in VGG16_CFG:
         if v == "P":
-            layers.append(LIPPool2d(c_in, bottleneck=lip_bottleneck, norm=lip_norm) if pool == "lip"
+            layers.append(LIPPool2d(c_in, bottleneck=lip_bottleneck, norm=lip_norm, start=lip_start)
+                          if pool == "lip"
                           else nn.AvgPool2d(2, 2) if pool == "avg" else nn.MaxPool2d(2, 2))
         else:
             c = _scaled(v, width)
@@ -35,7 +37,7 @@ def _features(pool: str, width: float, lip_bottleneck: float, lip_norm: bool = T
 class LIPVGG16(nn.Module):
     def __init__(self, num_classes: int = 7, pool: str = "lip", head: str = "conv",
                  attention: str = "eca", width: float = 1.0, lip_bottleneck: float = 0.25,
-                 dropout: float = 0.5, lip_norm: bool = True):
+                 dropout: float = 0.5, lip_norm: bool = True, lip_start: str = "avg"):
         super().__init__()
         for name, value, allowed in (("pool", pool, POOLS), ("head", head, HEADS),
                                      ("attention", attention, ATTENTIONS)):
@@ -47,8 +49,12 @@ class LIPVGG16(nn.Module):
                            width=width, lip_bottleneck=lip_bottleneck, dropout=dropout)
         if not lip_norm:  # recorded only when off: checkpoints of the paper's module stay as they were
             self.config["lip_norm"] = False
+        if lip_start not in LIP_STARTS:
+            raise ValueError(f"lip_vgg16: lip_start={lip_start!r}, expected one of {LIP_STARTS}")
+        if pool == "lip" and lip_start != "avg":  # likewise: recorded only where it changes the module
+            self.config["lip_start"] = lip_start
         c = _scaled(512, width)
-        self.features = _features(pool, width, lip_bottleneck, lip_norm)
+        self.features = _features(pool, width, lip_bottleneck, lip_norm, lip_start)
         if head == "conv":
             # The paper's change: two conv layers and one FC instead of VGG's three FC layers.
             self.head = nn.Sequential(

@@ -56,8 +56,13 @@ class TrainConfig(TrainRun):
         net = dict(num_classes=self.num_classes, pool=self.pool, head=self.head,
                    attention=self.attention, width=float(self.width),
                    lip_bottleneck=float(self.lip_bottleneck), dropout=float(self.dropout))
-        # only when off, as the model records it: the paper's module keeps its checkpoints' config
-        return {**net, "lip_norm": False} if not self.lip_norm else net
+        # only where they change the paper's module, as the model records them: its checkpoints'
+        # config stays as it was
+        if not self.lip_norm:
+            net["lip_norm"] = False
+        if self.pool == "lip" and self.lip_start != "avg":
+            net["lip_start"] = self.lip_start
+        return net
 
     @property
     def resolved_run_name(self) -> str:
