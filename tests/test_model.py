@@ -294,3 +294,39 @@ def test_lip_departs_from_average_pooling_smoothly():
     assert 0 < spreads[0] < 0.1, spreads
     assert all(b >= a * 0.5 for a, b in zip(spreads, spreads[1:])), spreads
     assert spreads[-1] < 0.5, spreads
+
+
+def test_max_start_is_a_soft_max_pooling_between_average_and_max():
+    """`lip_start: max` starts LIP at G = SoftGate(gain * I): on post-ReLU features each window's
+    output lies between its mean and its max, nearer the max, and the gain learns."""
+    torch.manual_seed(0)
+    pool = LIPPool2d(16, start="max")
+    x = torch.relu(torch.randn(4, 16, 12, 12))
+    out = pool(x)
+    avg, mx = F.avg_pool2d(x, 2), F.max_pool2d(x, 2)
+    assert torch.all(out >= avg - 1e-6) and torch.all(out <= mx + 1e-6)
+    spread = mx - avg
+    assert float(((out - avg) / spread.clamp_min(1e-6))[spread > 0.5].mean()) > 0.6
+    # the same windows under the paper's start are exactly their means
+    assert torch.allclose(LIPPool2d(16)(x), avg, atol=1e-6)
+    out.sum().backward()
+    assert pool.logit.input_gain.grad.abs().sum() > 0
+
+
+def test_lip_start_is_recorded_and_checkpoints_round_trip(tmp_path):
+    from pipeline.model import checkpoint
+
+    m = lip_vgg16(7, width=0.125, lip_start="max")
+    assert m.config["lip_start"] == "max"
+    assert "lip_start" not in lip_vgg16(7, width=0.125).config  # the paper's module: config unchanged
+    assert "lip_start" not in lip_vgg16(7, pool="max", width=0.125, lip_start="max").config
+    assert not any("input_gain" in k for k in lip_vgg16(7, width=0.125).state_dict())
+    with torch.no_grad():
+        m.features[6].logit.input_gain.fill_(2.5)
+    path = checkpoint.save_model(tmp_path / "m.pt", m.state_dict(), model_config=m.config,
+                                 classes=[str(i) for i in range(7)], image_size=56, crop=48)
+    back, _ = checkpoint.load_model(path)
+    assert back.config == m.config
+    assert float(back.features[6].logit.input_gain.mean()) == 2.5
+    with pytest.raises(ValueError, match="lip_start"):
+        lip_vgg16(7, width=0.125, lip_start="min")
