@@ -71,6 +71,12 @@ CAUSE = [("2x2 max pooling (VGG16-BN's pool), 30 epochs", "e30_w25_s56_max"),
 #: The default network at the default 60 epochs: LIP's old start vs the new one.
 CAUSE60 = [("LIP as it was (the old start), 60 epochs", "e60_w25_s56"),
            ("LIP, zero-gain last norm (the default now), 60 epochs", "e60_lipzg")]
+#: LIP's logits started as a soft max pooling (`lip_start: max`) instead of average pooling, 30 epochs,
+#: between the pool LIP replaces and LIP's zero-gain start.
+START = [("2x2 max pooling (VGG16-BN's pool), 30 epochs", "e30_w25_s56_max"),
+         ("LIP, average-pooling start (`lip_start: avg`, the zero-gain last norm)", "e30_lipzg"),
+         ("LIP, soft max-pooling start (`lip_start: max`: G = SoftGate(body(I) + gain * I), gain 1 at start)",
+          "e30_lipmax")]
 #: Precision (issue #26): fp32 vs bf16 autocast on the CPU, the default recipe at 60 epochs.
 PRECISION = [("fp32 (`amp: auto` on a CPU)", "e60_lipzg"),
              ("bf16 autocast (`amp: true`)", "e60_lipzg_bf16")]
@@ -417,6 +423,23 @@ def cause_verdict(cause: dict, cause60: dict) -> str:
             f"start, weight decay on every parameter and the logit module's norms.")
 
 
+def start_verdict(start: dict) -> str:
+    """LIP's two starts against max pooling in one paragraph, every figure from the runs it names."""
+    names = [n for _, n in START]
+    if not all(start.get(n, {}).get("complete") and len(start[n]["seeds"]) >= 3 for n in names):
+        return "Verdict: not all of this table's runs (3 complete seeds each) are here yet."
+    mx, avg, soft = ({k: start[n][k] for k in ("best_val_accuracy", "val_mean_class_accuracy",
+                                                "test_accuracy_center")} for n in names)
+
+    def step(a, b):
+        return "; ".join(f"{what} {fmt_compare(compare(a[k], b[k]))}" for what, k in
+                         (("val", "best_val_accuracy"), ("val mean class", "val_mean_class_accuracy"),
+                          ("test", "test_accuracy_center")))
+
+    return (f"The soft max-pooling start against the average-pooling start: {step(soft, avg)}. "
+            f"Against max pooling: {step(soft, mx)} (the average-pooling start: {step(avg, mx)}).")
+
+
 def precision_verdict(summ: dict) -> str:
     c = summ.get(PRECISION[1][1], {}).get("vs_ref")
     if not c:
@@ -454,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     pool_lines, pool = table(POOLING, runs, classes)
     cause_lines, cause = table(CAUSE, runs, classes)
     cause60_lines, cause60 = table(CAUSE60, runs, classes)
+    start_lines, start = table(START, runs, classes)
     prec_lines, prec = table(PRECISION, runs, classes)
     verdict = imbalance_verdict(imb)
     how = ("Runs of `scripts/recipe_runs.py` (the worker's training step, augmentation and losses in one "
@@ -463,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
            "unknown.")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "recipe.json").write_text(json.dumps({"runs": rec, "pooling": pool, "lip_cause": cause,
-                                                     "lip_cause_60": cause60}, indent=1))
+                                                     "lip_cause_60": cause60, "lip_start": start}, indent=1))
     (reports / "bf16_recipe.json").write_text(json.dumps({"runs": prec}, indent=1))
     prec_md = ["# fp32 vs bf16 autocast on the CPU, the default recipe", "", how, "", *prec_lines, "",
                precision_verdict(prec), ""]
@@ -479,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
               "## Why LIP learned slowly: the cause study (30 epochs)", "", *cause_lines, "",
               "## LIP's old and new start at the default 60 epochs", "", *cause60_lines, "",
               cause_verdict(cause, cause60), "",
+              "## LIP's logits started as a soft max pooling (30 epochs)", "", *start_lines, "",
+              start_verdict(start), "",
               "Runs made on different machines are mixed in these tables (the older files on the machine "
               "that made the committed figures, the newer ones on an AMD EPYC with AVX-512; "
               "`cpu_kernels` in the newer files): the seeds differ by far more than the kernels do.", ""]
@@ -496,10 +522,12 @@ def main(argv: list[str] | None = None) -> None:
             pool_verdict, "",
             "### Why LIP learned slowly (`reports/recipe.md`)", "", *cause_lines, "", *cause60_lines, "",
             cause_verdict(cause, cause60), "",
+            "### LIP's logits started as a soft max pooling (`reports/recipe.md`)", "", *start_lines, "",
+            start_verdict(start), "",
             "### fp32 vs bf16 autocast on the CPU (`reports/bf16_recipe.md`)", "", *prec_lines, "",
             precision_verdict(prec), "",
             "The runs, each reproduced by (after `dvc repro ingest@rafdb imagenet_init`):", "",
-            *commands([n for _, n in RECIPE + IMBALANCE + POOLING + CAUSE + CAUSE60 + PRECISION], runs), "",
+            *commands([n for _, n in RECIPE + IMBALANCE + POOLING + CAUSE + CAUSE60 + START + PRECISION], runs), "",
             *ablation]
     link = Path(os.path.relpath(docs, readme.parent)).as_posix()
     block = [BEGIN, "", *default, *seeds, *ablation,

@@ -20,6 +20,9 @@ def test_from_dict_accepts_known_keys_and_defaults():
     assert cfg.network() == dict(num_classes=7, pool="lip", head="conv", attention="eca",
                                       width=1.0, lip_bottleneck=0.25, dropout=0.5)
     assert set(cfg.network()) <= set(lip_vgg16(width=0.125).config)
+    # lip_start reaches the network only where it changes the module (LIP pools, the max start)
+    assert cfg.model_copy(update={"lip_start": "max"}).network()["lip_start"] == "max"
+    assert "lip_start" not in cfg.model_copy(update={"lip_start": "max", "pool": "max"}).network()
 
 
 def test_from_dict_rejects_unknown_keys_naming_them():
@@ -38,7 +41,7 @@ def test_from_dict_rejects_unknown_keys_naming_them():
     ("momentum", 1.0), ("patience", -1), ("num_workers", 0), ("use_gpu", "yes"), ("amp", "fp16"),
     ("channels_last", 1), ("cpus_per_worker", 0), ("max_failures", -2), ("class_weighted", "no"),
     ("num_classes", 1), ("run_name", "a/b"), ("init", ""), ("gamma", 0), ("warmup_epochs", -1),
-    ("max_rotate_deg", 200), ("epochs", True),
+    ("max_rotate_deg", 200), ("epochs", True), ("lip_start", "min"), ("lip_start", True),
 ])
 def test_bad_values_are_fer_errors(key, value):
     with pytest.raises(FerError, match=key):
