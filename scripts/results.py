@@ -320,19 +320,55 @@ def target_verdict(e: dict) -> str:
     return f"misses them ({'; '.join(missed)})" if missed else "meets them"
 
 
-def fewer_epochs_lines(root: Path = ROOT) -> list[str]:
-    """The default recipe at 45 epochs instead of 60 (``reports/seeds_e45/``): the candidate for a
-    shorter `make repro`, kept only if every seed meets the targets."""
-    runs = pipeline_seeds_old(root, "seeds_e45")
-    if not runs:
-        return []
-    return ["Fewer epochs (the targets at 45 instead of 60 training epochs, `reports/seeds_e45/`, "
-            "`python scripts/pipeline_seeds.py --seeds 0 1 2 --set train_rafdb.epochs=45 --out reports/seeds_e45`): "
-            + "; ".join(f"seed {k}: RAF-DB ten-crop {100 * v['rafdb']['accuracy']:.1f}%, mean class "
-                        f"{100 * v['rafdb']['mean_class_accuracy']:.1f}%, SFEW {100 * v['sfew']['accuracy']:.1f}%, "
-                        f"{target_verdict(v['rafdb'])}" for k, v in runs.items())
-            + (". The default stays at 60 epochs." if any(target_verdict(v["rafdb"]) != "meets them" for v in runs.values())
-               else f". Every seed run at 45 epochs meets the targets ({len(runs)} of them)."), ""]
+#: Other configurations of the whole pipeline, each over its seeds in ``reports/<folder>/`` (written by
+#: ``scripts/pipeline_seeds.py --out reports/<folder>`` with the ``--set`` keys its run.json records),
+#: set against the default's seeds: the candidates for a shorter `make repro` or a new default.
+ALTERNATIVES = [("seeds_e45", "the default at 45 training epochs instead of 60"),
+                ("seeds_lipmax_e45", "LIP's soft max-pooling start (`model.lip_start: max`) at 45 epochs"),
+                ("seeds_lipmax", "LIP's soft max-pooling start (`model.lip_start: max`) at the default 60 epochs")]
+
+
+def _repro_minutes(d: Path) -> float | None:
+    run = _load(d / "run.json") or {}
+    m = run.get("dvc_repro_minutes")
+    return float(m) if isinstance(m, (int, float)) else None
+
+
+def alternatives_lines(root: Path = ROOT, default: dict[int, dict] | None = None) -> list[str]:
+    """Each alternative in ALTERNATIVES that has runs: its figures per seed against the targets, and
+    its ten-crop and mean class accuracy against the default's seeds (Welch's t), with the `dvc
+    repro` minutes where the runs recorded them (a run beside other work records none)."""
+    default = pipeline_seeds(root) if default is None else default
+    out = []
+    for folder, label in ALTERNATIVES:
+        runs = pipeline_seeds_old(root, folder)
+        if not runs:
+            continue
+        run0 = _load(next(iter(sorted((root / "reports" / folder).glob("seed*/run.json"))), Path("-"))) or {}
+        sets = " ".join(f"{k}={v}" for k, v in (run0.get("params_changed") or {}).items()
+                        if not k.endswith(".seed"))
+        per_seed = "; ".join(f"seed {k}: RAF-DB ten-crop {100 * v['rafdb']['accuracy']:.1f}%, mean class "
+                             f"{100 * v['rafdb']['mean_class_accuracy']:.1f}%, SFEW {100 * v['sfew']['accuracy']:.1f}%, "
+                             f"{target_verdict(v['rafdb'])}" for k, v in runs.items())
+        vs = ""
+        if default:
+            acc = compare([v["rafdb"]["accuracy"] for v in runs.values()],
+                          [v["rafdb"]["accuracy"] for v in default.values()])
+            mca = compare([v["rafdb"]["mean_class_accuracy"] for v in runs.values()],
+                          [v["rafdb"]["mean_class_accuracy"] for v in default.values()])
+            sfew = compare([v["sfew"]["accuracy"] for v in runs.values()],
+                           [v["sfew"]["accuracy"] for v in default.values()])
+            vs = (f" Against the default's {len(default)} seed(s): RAF-DB ten-crop {fmt_compare(acc)}, "
+                  f"mean class {fmt_compare(mca)}; SFEW ten-crop {fmt_compare(sfew)}.")
+        mins = [m for m in (_repro_minutes(d) for d in sorted((root / "reports" / folder).glob("seed*"))) if m]
+        if mins:  # the machine's own figures, not a side-by-side timing against the default
+            vs += f" `dvc repro` took {', '.join(f'{m:.1f}' for m in mins)} min."
+        every = all(target_verdict(v["rafdb"]) == "meets them" for v in runs.values())
+        out += [f"{label[0].upper()}{label[1:]} (`reports/{folder}/`, `python scripts/pipeline_seeds.py --seeds "
+                f"{' '.join(map(str, runs))} --set {sets} --out reports/{folder}`): {per_seed}. "
+                + (f"Every seed meets the targets ({len(runs)} of them)." if every else
+                   "Not every seed meets the targets.") + vs, ""]
+    return out
 
 
 #: A comparison's verdict (pipeline.noise.compare) as a sentence's verb.
@@ -512,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
 
     default = ["### The embedded default (synthetic faces, CPU)", "", *default_block(classes), ""]
     seeds = ["### The embedded default over training seeds", "", *seed_block(pipeline_seeds()), "",
-             *fewer_epochs_lines()]
+             *alternatives_lines()]
     ablation = ["### LIP vs VGG16-BN at the default size", "", *ablation_lines(), ""]
     full = [*default, *seeds,
             "### Recipe comparison (`reports/recipe.md`)", "", how, "", *rec_lines, "",

@@ -31,6 +31,7 @@ def test_paper_params_are_the_paper_setup():
     p = load_params(REPO / "params.paper.yaml")
     assert (p["model"]["pool"], p["model"]["head"], p["model"]["attention"], p["model"]["width"]) == \
         ("lip", "conv", "eca", 1.0)
+    assert p["model"]["lip_start"] == "avg"  # the paper's module, not the CPU default's faster start
     assert p["imagenet_init"]["source"] == "torchvision"
     assert p["train_rafdb"]["crop"] == 90 and p["finetune_sfew"]["image_size"] == 112
 

@@ -65,17 +65,27 @@ def test_pipeline_seed_rows_read_metrics_and_seed_copies(tmp_path):
                               "seed 2 misses them (mean class 65.0%).")
 
 
-def test_fewer_epochs_are_kept_only_when_every_seed_meets_the_targets(tmp_path):
-    assert R.fewer_epochs_lines(tmp_path) == []
+def test_alternatives_are_set_against_the_defaults_seeds_and_the_targets(tmp_path):
+    assert R.alternatives_lines(tmp_path, default={}) == []
+    default = {}
+    for seed, acc in enumerate((0.88, 0.89, 0.90)):
+        default[seed] = {ds: _eval(acc, {"a": 1.0, "b": 0.5}) for ds in ("rafdb", "sfew")}
     for seed, (acc, b) in {0: (0.95, 0.9), 1: (0.86, 0.4)}.items():
         d = tmp_path / "reports" / "seeds_e45" / f"seed{seed}"
         d.mkdir(parents=True)
         for ds in ("rafdb", "sfew"):
             (d / f"eval_{ds}.json").write_text(json.dumps(_eval(acc, {"a": 1.0, "b": b})))
-    line = R.fewer_epochs_lines(tmp_path)[0]
+        (d / "run.json").write_text(json.dumps({"params_changed": {"train_rafdb.seed": seed,
+                                                                    "train_rafdb.epochs": 45},
+                                                 "dvc_repro_minutes": 7.5 + seed}))
+    line = R.alternatives_lines(tmp_path, default=default)[0]
+    assert "--seeds 0 1 --set train_rafdb.epochs=45 --out reports/seeds_e45" in line
     assert "seed 0: RAF-DB ten-crop 95.0%, mean class 95.0%, SFEW 95.0%, meets them" in line
     assert "seed 1: RAF-DB ten-crop 86.0%" in line and "misses them (ten-crop 86.0%; mean class 70.0%)" in line
-    assert line.endswith("The default stays at 60 epochs.")
+    assert "Not every seed meets the targets." in line
+    # against the default's three seeds, by the noise rule, and the recorded minutes
+    assert f"RAF-DB ten-crop {R.fmt_compare(R.compare([0.95, 0.86], [0.88, 0.89, 0.90]))}" in line
+    assert line.endswith("`dvc repro` took 7.5, 8.5 min.")
 
 
 def test_main_writes_the_compact_readme_block_and_the_full_docs_page(tmp_path):
