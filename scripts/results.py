@@ -271,7 +271,7 @@ def pipeline_seeds(root: Path = ROOT) -> dict[int, dict]:
     return out
 
 
-def pipeline_seeds_old(root: Path = ROOT, folder: str = "seeds_old_lip_start") -> dict[int, dict]:
+def pipeline_seeds_in(root: Path, folder: str) -> dict[int, dict]:
     """{seed: {"rafdb": eval, "sfew": eval}} of the pipeline runs kept in ``reports/<folder>/``."""
     out = {}
     for d in sorted((root / "reports" / folder).glob("seed*")):
@@ -285,13 +285,8 @@ def seed_block(seeds: dict[int, dict]) -> list[str]:
     """The default pipeline's test figures over its training seeds: mean ± sample std per figure,
     per class, and the classes any seed leaves at 0%."""
     if len(seeds) < 2:
-        old = pipeline_seeds_old()
-        return [f"Only {len(seeds)} seed of the whole pipeline has been run with the current default (LIP's "
-                "zero-gain start): `python scripts/pipeline_seeds.py --seeds 1 2` runs two more. The "
-                "previous default (LIP's old start) at seeds 1 and 2 (`reports/seeds_old_lip_start/`): "
-                + "; ".join(f"seed {k}: RAF-DB ten-crop {100 * v['rafdb']['accuracy']:.1f}%, mean class "
-                            f"{100 * v['rafdb']['mean_class_accuracy']:.1f}%, SFEW {100 * v['sfew']['accuracy']:.1f}%"
-                            for k, v in old.items()) + "."]
+        return [f"Only {len(seeds)} seed of the whole pipeline has been run with the current default: "
+                "`python scripts/pipeline_seeds.py --seeds 1 2` runs two more."]
     lines = [f"`dvc repro` at training seeds {', '.join(map(str, seeds))} (`train_rafdb.seed` = "
              "`finetune_sfew.seed`; the data are the same): " + "; ".join(
                  f"seed {k} from {v['source']}" for k, v in seeds.items()) + ".", "",
@@ -323,9 +318,13 @@ def target_verdict(e: dict) -> str:
 #: Other configurations of the whole pipeline, each over its seeds in ``reports/<folder>/`` (written by
 #: ``scripts/pipeline_seeds.py --out reports/<folder>`` with the ``--set`` keys its run.json records),
 #: set against the default's seeds: the candidates for a shorter `make repro` or a new default.
-ALTERNATIVES = [("seeds_e45", "the default at 45 training epochs instead of 60"),
-                ("seeds_lipmax_e45", "LIP's soft max-pooling start (`model.lip_start: max`) at 45 epochs"),
-                ("seeds_lipmax", "LIP's soft max-pooling start (`model.lip_start: max`) at the default 60 epochs")]
+#: Each names the ``--set`` keys that make it from today's params.yaml (its run.json records what
+#: they were against the params of its own commit).
+ALTERNATIVES = [("seeds_e45", "the default at 45 training epochs instead of 60", "train_rafdb.epochs=45"),
+                ("seeds_lipmax_e45", "LIP's soft max-pooling start (`model.lip_start: max`) at 45 epochs",
+                 "model.lip_start=max train_rafdb.epochs=45"),
+                ("seeds_lipmax", "LIP's soft max-pooling start (`model.lip_start: max`) at the default 60 epochs",
+                 "model.lip_start=max")]
 
 
 def _repro_minutes(d: Path) -> float | None:
@@ -340,13 +339,10 @@ def alternatives_lines(root: Path = ROOT, default: dict[int, dict] | None = None
     repro` minutes where the runs recorded them (a run beside other work records none)."""
     default = pipeline_seeds(root) if default is None else default
     out = []
-    for folder, label in ALTERNATIVES:
-        runs = pipeline_seeds_old(root, folder)
+    for folder, label, sets in ALTERNATIVES:
+        runs = pipeline_seeds_in(root, folder)
         if not runs:
             continue
-        run0 = _load(next(iter(sorted((root / "reports" / folder).glob("seed*/run.json"))), Path("-"))) or {}
-        sets = " ".join(f"{k}={v}" for k, v in (run0.get("params_changed") or {}).items()
-                        if not k.endswith(".seed"))
         per_seed = "; ".join(f"seed {k}: RAF-DB ten-crop {100 * v['rafdb']['accuracy']:.1f}%, mean class "
                              f"{100 * v['rafdb']['mean_class_accuracy']:.1f}%, SFEW {100 * v['sfew']['accuracy']:.1f}%, "
                              f"{target_verdict(v['rafdb'])}" for k, v in runs.items())

@@ -48,7 +48,9 @@ def test_pipeline_seed_rows_read_metrics_and_seed_copies(tmp_path):
     (tmp_path / "metrics").mkdir()
     for ds in ("rafdb", "sfew"):
         (tmp_path / "metrics" / f"eval_{ds}.json").write_text(json.dumps(_eval(0.90, {"a": 1.0, "b": 0.6})))
-    assert R.seed_block(R.pipeline_seeds(tmp_path))[0].startswith("Only 1 seed")
+    assert R.seed_block(R.pipeline_seeds(tmp_path)) == [
+        "Only 1 seed of the whole pipeline has been run with the current default: "
+        "`python scripts/pipeline_seeds.py --seeds 1 2` runs two more."]
     for seed, (acc, b) in {1: (0.94, 0.0), 2: (0.92, 0.3)}.items():
         d = tmp_path / "reports" / "seeds" / f"seed{seed}"
         d.mkdir(parents=True)
