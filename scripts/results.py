@@ -320,11 +320,11 @@ def target_verdict(e: dict) -> str:
 #: set against the default's seeds: the candidates for a shorter `make repro` or a new default.
 #: Each names the ``--set`` keys that make it from today's params.yaml (its run.json records what
 #: they were against the params of its own commit).
-ALTERNATIVES = [("seeds_e45", "the default at 45 training epochs instead of 60", "train_rafdb.epochs=45"),
-                ("seeds_lipmax_e45", "LIP's soft max-pooling start (`model.lip_start: max`) at 45 epochs",
-                 "model.lip_start=max train_rafdb.epochs=45"),
-                ("seeds_lipmax", "LIP's soft max-pooling start (`model.lip_start: max`) at the default 60 epochs",
-                 "model.lip_start=max")]
+ALTERNATIVES = [("seeds_lipmax_e45", "the default at 45 training epochs instead of 60", "train_rafdb.epochs=45"),
+                ("seeds_avg_e60", "the previous default, LIP's average-pooling start (`model.lip_start: avg`, the "
+                 "paper's module)", "model.lip_start=avg"),
+                ("seeds_e45", "the previous default (`model.lip_start: avg`) at 45 training epochs",
+                 "model.lip_start=avg train_rafdb.epochs=45")]
 
 
 def _repro_minutes(d: Path) -> float | None:
@@ -378,6 +378,23 @@ ABLATION_ORDER = [(1, "vgg16", None), (1, "lip", "vgg16"), (1, "ten_crop", "lip"
                   (3, "sfew_imagenet", None), (3, "sfew_scratch", None), (3, "sfew_rafdb", "sfew_imagenet")]
 
 
+def ablation_network_changes(ran: dict, params: dict | None = None) -> list[str]:
+    """The network switches the ablation ran with that params.yaml's model section no longer has,
+    as "`model.key: ran`, where params.yaml now has `value`". A key the ablation did not record ran at the schema's
+    default, as the training stages read it."""
+    import yaml
+    from pipeline.params_schema import ARCH_KEYS, Model
+
+    if params is None:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    then, now = Model(**{k: v for k, v in ran.items() if k in Model.model_fields}), Model(**params.get("model", {}))
+    def show(v):
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return [f"`model.{k}: {show(getattr(then, k))}`, where params.yaml now has `{show(getattr(now, k))}`"
+            for k in (*ARCH_KEYS, "dropout") if getattr(then, k) != getattr(now, k)]
+
+
 def ablation_lines(a: dict | None = None) -> list[str]:
     """The paper's Table 1 and Table 3 beside our rows (``reports/ablation.json``): each row's test
     accuracy over seeds, the change it makes against the row it adds one change to, tested against
@@ -411,6 +428,10 @@ def ablation_lines(a: dict | None = None) -> list[str]:
         step = f"{p - pr:+.2f} pts vs `{paper_ref}`" if p is not None and pr is not None else "—"
         out.append(f"| {table} | `{key}`: {r.label} ({r.metric}) | {ours} | {vs} | "
                    f"{f'{p:.2f}' if p is not None else '—'} | {step} |")
+    stale = ablation_network_changes(meta["model"]) if meta.get("model") else []  # unrecorded: unknown
+    if stale:
+        out += ["", f"Its network is not today's default: it ran with {'; '.join(stale)}. Its LIP rows "
+                    f"are not the default network's; `fer ablation --seeds {n or 3}` reruns them."]
     c = cmp.get("lip")
     if c:
         word = VERDICT_WORD[c["verdict"]]

@@ -67,8 +67,9 @@ def test_pipeline_seed_rows_read_metrics_and_seed_copies(tmp_path):
                               "seed 2 misses them (mean class 65.0%).")
 
 
-def test_alternatives_are_set_against_the_defaults_seeds_and_the_targets(tmp_path):
+def test_alternatives_are_set_against_the_defaults_seeds_and_the_targets(tmp_path, monkeypatch):
     assert R.alternatives_lines(tmp_path, default={}) == []
+    monkeypatch.setattr(R, "ALTERNATIVES", [("seeds_e45", "the default at 45 epochs", "train_rafdb.epochs=45")])
     default = {}
     for seed, acc in enumerate((0.88, 0.89, 0.90)):
         default[seed] = {ds: _eval(acc, {"a": 1.0, "b": 0.5}) for ds in ("rafdb", "sfew")}
@@ -159,3 +160,22 @@ def test_ablation_block_sets_our_rows_beside_the_papers():
     assert "LIP against VGG16-BN's max pooling at this size hurts: -11.0 pts" in text
     assert "git `abcdef0`" in text and "2.0 h" in text
     assert R.ablation_lines({})[0].startswith("`fer ablation` has not been run")
+
+
+def test_ablation_block_says_when_its_network_is_not_todays_default():
+    """An ablation run before a network switch changed (here lip_start) says so, naming the switch,
+    since its LIP rows then no longer measure the default network; a switch it did not record ran
+    at the schema's default."""
+    ran = {"pool": "lip", "head": "conv", "attention": "eca", "width": 0.25, "lip_bottleneck": 0.25,
+           "dropout": 0.1}
+    now = {"model": {**ran, "lip_start": "max"}}
+    assert R.ablation_network_changes(ran, now) == ["`model.lip_start: avg`, where params.yaml now has `max`"]
+    assert R.ablation_network_changes({**ran, "lip_start": "max"}, now) == []
+    assert R.ablation_network_changes({**ran, "width": 1.0, "lip_start": "max"}, now) == [
+        "`model.width: 1.0`, where params.yaml now has `0.25`"]
+    a = {"meta": {"ablation_id": "x", "commit": "abc", "seeds": [0, 1], "model": {**ran, "width": 0.5}},
+         "rows": [{"key": "vgg16", "table": 1, "label": "V", "metric": "accuracy_center", "status": "ok",
+                   "values": [0.8, 0.81], "run_ids": [], "paper": None}]}
+    text = "\n".join(R.ablation_lines(a))
+    assert "Its network is not today's default: it ran with `model.width: 0.5`" in text
+    assert "`fer ablation --seeds 2` reruns them." in text
