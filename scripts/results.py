@@ -163,14 +163,23 @@ def commands(names: list[str], runs: dict[str, list[dict]]) -> list[str]:
     params.yaml's model + train_rafdb sections, read back from the run file."""
     import yaml
 
+    from pipeline.params_schema import TrainRun
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     base = {**params.get("model", {}), **params.get("train_rafdb", {})}
+    # A key that newer runs record and an older one lacks came after it: that run trained at the
+    # key's schema default (a new switch defaults to the behaviour before it), which params.yaml
+    # may since have changed (lip_start: avg before the max start became the default).
+    recorded = {k for rs in runs.values() for r in rs for k in r.get("overrides", {})}
+    then = {k: TrainRun.model_fields[k].default for k in recorded if k in TrainRun.model_fields}
     out = []
     for name in dict.fromkeys(names):
         if name not in runs:
             continue
         ov = runs[name][0].get("overrides", {})
-        sets = " ".join(f"{k}={json.dumps(v)}" for k, v in ov.items() if k != "seed" and base.get(k) != v)
+        ov = {**{k: v for k, v in then.items() if k not in ov}, **ov}
+        sets = " ".join(f"{k}={json.dumps(v)}" for k, v in ov.items()
+                        if k != "seed" and base.get(k, then.get(k)) != v)
         seeds = " ".join(str(r["seed"]) for r in runs[name])
         init = runs[name][0].get("init", "models/imagenet_init.pt")  # files before it was recorded: that
         out.append(f"    python scripts/recipe_runs.py --data data/parquet/rafdb --init {init} "

@@ -179,3 +179,18 @@ def test_ablation_block_says_when_its_network_is_not_todays_default():
     text = "\n".join(R.ablation_lines(a))
     assert "Its network is not today's default: it ran with `model.width: 0.5`" in text
     assert "`fer ablation --seeds 2` reruns them." in text
+
+
+def test_recipe_commands_name_the_switches_a_run_predates(tmp_path, monkeypatch):
+    """A run recorded before a switch existed trained at the switch's schema default; its command
+    names it where params.yaml has since changed the switch, so that it reruns what was run."""
+    from pipeline.params_schema import TrainRun
+
+    (tmp_path / "params.yaml").write_text("model:\n  pool: lip\n  lip_start: max\ntrain_rafdb:\n  epochs: 60\n")
+    monkeypatch.setattr(R, "ROOT", tmp_path)
+    old = {"seed": 0, "overrides": {"pool": "lip", "epochs": 30, "seed": 0}}  # before lip_start existed
+    new = {"seed": 1, "overrides": {"pool": "lip", "epochs": 30, "seed": 1, "lip_start": "max"}}
+    lines = R.commands(["old", "new"], {"old": [old], "new": [new]})
+    assert TrainRun.model_fields["lip_start"].default == "avg"
+    assert lines[0].endswith('--name old --seeds 0 --set lip_start="avg" epochs=30')
+    assert lines[1].endswith("--name new --seeds 1 --set epochs=30")
