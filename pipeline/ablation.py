@@ -45,6 +45,7 @@ from typing import Any
 from pipeline.config import load_params, section
 from pipeline.ablation_report import comparisons, render
 from pipeline.errors import FerError
+from pipeline.params_schema import recorded_lip_switches
 
 #: The paper's figures we carry (test accuracy, %): its Table 1 progression (VGG16, + LIP, + ten-crop,
 #: + ImageNet pre-training) and Table 3. Nothing else is quoted from the paper.
@@ -144,8 +145,7 @@ def plan(params: dict[str, Any], root: Path, work: Path) -> tuple[list[Row], dic
         return {"num_classes": num_classes, "pool": pool, "head": head, "attention": attention,
                 "width": float(net.get("width", 1.0)), "lip_bottleneck": float(net.get("lip_bottleneck", 0.25)),
                 "dropout": float(net.get("dropout", 0.5)),
-                **({"lip_norm": False} if pool == "lip" and net.get("lip_norm") is False else {}),
-                **({"lip_start": net["lip_start"]} if pool == "lip" and net.get("lip_start", "avg") != "avg" else {})}
+                **recorded_lip_switches(pool, net.get("lip_norm", True), net.get("lip_start", "avg"))}
 
     full = (model.get("pool", "lip"), model.get("head", "conv"), model.get("attention", "eca"))
     needs_imagenet = [mc("lip", "fc", "none"), mc("lip", "conv", "none"), mc("lip", "conv", "eca"), mc(*full)]

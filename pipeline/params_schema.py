@@ -17,6 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 POOLS, HEADS, ATTENTIONS = ("lip", "max", "avg"), ("conv", "fc"), ("eca", "none")
 #: How LIP's logits start: "avg" (constant: average pooling, the paper's module) or "max" (a soft max pooling).
 LIP_STARTS = ("avg", "max")
+
+
+def recorded_lip_switches(pool: str, lip_norm: bool = True, lip_start: str = "avg") -> dict[str, Any]:
+    """The LIP switches a network's config records: only those that change the paper's module, so
+    that a checkpoint of the paper's module keeps the config (and a training run the fingerprint)
+    it had before the switch existed. The one rule for the model, the training stages and the
+    ablation."""
+    out: dict[str, Any] = {}
+    if not lip_norm:
+        out["lip_norm"] = False
+    if pool == "lip" and lip_start != "avg":
+        out["lip_start"] = lip_start
+    return out
 OPTIMIZERS, SCHEDULES, SAMPLERS = ("sgd", "adamw"), ("cosine", "step", "onecycle"), ("shuffle", "balanced")
 MIN_SIZE, MAX_SIZE = 48, 224  # the input sizes LIP-VGG16 accepts (five 2x2 pools)
 

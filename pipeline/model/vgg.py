@@ -9,7 +9,8 @@ from torch import nn
 
 from pipeline.model.attention import ECA
 from pipeline.model.lip import LIPPool2d
-from pipeline.params_schema import ATTENTIONS, HEADS, LIP_STARTS, MAX_SIZE, MIN_SIZE, POOLS
+from pipeline.params_schema import (ATTENTIONS, HEADS, LIP_STARTS, MAX_SIZE, MIN_SIZE, POOLS,
+                                    recorded_lip_switches)
 
 VGG16_CFG = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
 
@@ -47,12 +48,9 @@ class LIPVGG16(nn.Module):
             raise ValueError(f"lip_vgg16: width={width} must be in (0, 4]")
         self.config = dict(num_classes=num_classes, pool=pool, head=head, attention=attention,
                            width=width, lip_bottleneck=lip_bottleneck, dropout=dropout)
-        if not lip_norm:  # recorded only when off: checkpoints of the paper's module stay as they were
-            self.config["lip_norm"] = False
         if lip_start not in LIP_STARTS:
             raise ValueError(f"lip_vgg16: lip_start={lip_start!r}, expected one of {LIP_STARTS}")
-        if pool == "lip" and lip_start != "avg":  # likewise: recorded only where it changes the module
-            self.config["lip_start"] = lip_start
+        self.config.update(recorded_lip_switches(pool, lip_norm, lip_start))
         c = _scaled(512, width)
         self.features = _features(pool, width, lip_bottleneck, lip_norm, lip_start)
         if head == "conv":

@@ -15,7 +15,7 @@ from pydantic import ConfigDict, ValidationError
 
 from pipeline.config import section
 from pipeline.errors import FerError
-from pipeline.params_schema import TrainRun, run_problems
+from pipeline.params_schema import TrainRun, recorded_lip_switches, run_problems
 
 
 class TrainConfig(TrainRun):
@@ -56,13 +56,8 @@ class TrainConfig(TrainRun):
         net = dict(num_classes=self.num_classes, pool=self.pool, head=self.head,
                    attention=self.attention, width=float(self.width),
                    lip_bottleneck=float(self.lip_bottleneck), dropout=float(self.dropout))
-        # only where they change the paper's module, as the model records them: its checkpoints'
-        # config stays as it was
-        if not self.lip_norm:
-            net["lip_norm"] = False
-        if self.pool == "lip" and self.lip_start != "avg":
-            net["lip_start"] = self.lip_start
-        return net
+        # only where they change the paper's module, as the model records them
+        return {**net, **recorded_lip_switches(self.pool, self.lip_norm, self.lip_start)}
 
     @property
     def resolved_run_name(self) -> str:
