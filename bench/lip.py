@@ -5,8 +5,9 @@
    outside fp16) vs `lip2d_bounded` under torch.compile (one fused C++ loop; --compile).
 2. One AdamW training step of LIP-VGG16 (lip/conv/eca) vs torchvision's VGG16-BN (max/fc/none)
    and vs its max-pool twin (max/conv/eca), plus lip/conv/eca with the old shifted pooling and
-   with `lip_norm: false` (the logit module without InstanceNorms), and with `lip_start: max` (the
-   soft max-pooling start: one more full-resolution multiply-add per pool), in fp32 and bf16 autocast,
+   with `lip_norm: false` (the logit module without InstanceNorms), and with the other `lip_start`
+   (lip/conv/eca is params.yaml's: `max`, the soft max-pooling start, costs one more
+   full-resolution multiply-add per pool than `avg`), in fp32 and bf16 autocast,
    interleaved round by round, and lip/conv/eca before its fast forms (torch's InstanceNorm2d,
    autograd through the pool). Targets: lip/conv/eca <= 1.2x VGG16-BN and <= 1.3x the twin.
 3. Where LIP's extra time goes (--breakdown, fp32): the step of the twin, then LIP with only its
@@ -21,12 +22,15 @@ import argparse
 import statistics
 import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from pipeline.model import lip2d, lip_vgg16
 from pipeline.model.lip import LIPPool2d, lip2d_bounded
+from pipeline.params_schema import LIP_STARTS
 
 TARGET = 1.2       # lip/conv/eca vs VGG16-BN
 TWIN_TARGET = 1.3  # lip/conv/eca vs max/conv/eca
@@ -106,14 +110,24 @@ def _shifted(m):
     return m
 
 
-VARIANTS = {  # name -> (pool, head, attention, how LIP runs: None | "shifted" | "no_norm")
-    "VGG16-BN (max/fc/none)": ("max", "fc", "none", None),
-    "max/conv/eca": ("max", "conv", "eca", None),
-    "lip/conv/eca": ("lip", "conv", "eca", None),
-    "lip/conv/eca, before its fast forms": ("lip", "conv", "eca", "autograd"),
-    "lip/conv/eca, shifted LIP": ("lip", "conv", "eca", "shifted"),
-    "lip/conv/eca, lip_norm false": ("lip", "conv", "eca", "no_norm"),
-    "lip/conv/eca, lip_start max": ("lip", "conv", "eca", "max_start"),
+def _default_start() -> str:
+    """params.yaml's `model.lip_start`: the bench's lip/conv/eca is the network the pipeline trains."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()) or {}
+    return (params.get("model") or {}).get("lip_start", "avg")
+
+
+START = _default_start()
+OTHER_START = next(s for s in LIP_STARTS if s != START)
+OTHER = f"lip/conv/eca, lip_start {OTHER_START}"
+
+VARIANTS = {  # name -> (pool, head, attention, how LIP runs: None | "shifted" | "autograd" | "no_norm", start)
+    "VGG16-BN (max/fc/none)": ("max", "fc", "none", None, "avg"),
+    "max/conv/eca": ("max", "conv", "eca", None, "avg"),
+    "lip/conv/eca": ("lip", "conv", "eca", None, START),
+    "lip/conv/eca, before its fast forms": ("lip", "conv", "eca", "autograd", START),
+    "lip/conv/eca, shifted LIP": ("lip", "conv", "eca", "shifted", START),
+    "lip/conv/eca, lip_norm false": ("lip", "conv", "eca", "no_norm", START),
+    OTHER: ("lip", "conv", "eca", None, OTHER_START),
 }
 
 
@@ -123,11 +137,10 @@ def bench_models(device: str, width: float, size: int, batch: int, repeats: int,
     out = {}
     for dt in dtypes:
         fns = {}
-        for name, (pool, head, att, how) in VARIANTS.items():
+        for name, (pool, head, att, how, start) in VARIANTS.items():
             torch.manual_seed(0)
             m = lip_vgg16(7, pool=pool, head=head, attention=att, width=width,
-                          lip_norm=how != "no_norm",
-                          lip_start="max" if how == "max_start" else "avg").to(device).train()
+                          lip_norm=how != "no_norm", lip_start=start).to(device).train()
             if how == "shifted":
                 _shifted(m)
             elif how == "autograd":
@@ -144,11 +157,12 @@ def bench_models(device: str, width: float, size: int, batch: int, repeats: int,
         t = interleaved(fns, repeats, device)
         base = t["VGG16-BN (max/fc/none)"]
         print(f"training step (AdamW), width {width}, {size}x{size}, batch {batch}, {dt} "
-              f"(ratio to VGG16-BN, >1 = slower; target lip/conv/eca <= {TARGET}x)")
+              f"(ratio to VGG16-BN, >1 = slower; target lip/conv/eca <= {TARGET}x; "
+              f"lip/conv/eca is params.yaml's lip_start: {START})")
         for name, v in t.items():
             print(f"  {name:28} {v * 1e3:8.1f} ms/step {batch / v:7.1f} img/s  {v / base:5.2f}x")
         twin = t["max/conv/eca"]
-        for lip in ("lip/conv/eca", "lip/conv/eca, lip_start max", "lip/conv/eca, lip_norm false"):
+        for lip in ("lip/conv/eca", OTHER, "lip/conv/eca, lip_norm false"):
             r, rt = t[lip] / base, t[lip] / twin
             print(f"  -> {lip}: {r:.2f}x VGG16-BN (target <= {TARGET}: {'MET' if r <= TARGET else 'NOT met'}), "
                   f"{rt:.2f}x its max-pool twin (target <= {TWIN_TARGET}: {'MET' if rt <= TWIN_TARGET else 'NOT met'})")
@@ -179,7 +193,7 @@ def breakdown(device: str, width: float, size: int, batch: int, repeats: int) ->
 
     def make(pool, patch=None, lip_norm=True):
         torch.manual_seed(0)
-        m = lip_vgg16(7, pool=pool, width=width, lip_norm=lip_norm).to(device).train()
+        m = lip_vgg16(7, pool=pool, width=width, lip_norm=lip_norm, lip_start=START).to(device).train()
         for p in m.modules():
             if patch and isinstance(p, LIPPool2d):
                 patch(p)
@@ -200,7 +214,7 @@ def breakdown(device: str, width: float, size: int, batch: int, repeats: int) ->
              "LIP's pooling op (exp, weighted avg pools; vs max pool)": t["pool op"] - t["twin"],
              "logit modules' InstanceNorms": t["lip"] - t["lip, no norms"],
              "logit modules' convs, ReLUs, SoftGate": t["logit module"] - t["twin"] - (t["lip"] - t["lip, no norms"])}
-    print(f"where LIP-VGG16's training step goes, width {width}, {size}x{size}, batch {batch}, fp32 "
+    print(f"where LIP-VGG16's training step goes (lip_start: {START}), width {width}, {size}x{size}, batch {batch}, fp32 "
           f"({lip * 1e3:.1f} ms/step; forward and backward of each part):")
     for k, v in parts.items():
         print(f"  {k:58} {v * 1e3:8.1f} ms  {v / lip:6.1%}")
