@@ -1,7 +1,7 @@
 """Run the whole default pipeline at other training seeds: the spread of `make repro`'s figures.
 
     python scripts/pipeline_seeds.py --seeds 1 2     # about 12 min per seed on 2 cores
-    python scripts/pipeline_seeds.py --seeds 0 1 2 --set train_rafdb.epochs=45 --out reports/seeds_e45
+    python scripts/pipeline_seeds.py --seeds 0 1 2 --set train_rafdb.epochs=45 --out reports/seeds_lipmax_e45
 
 `make repro` is seed 0. Each seed here runs `dvc repro` in a throwaway clone of the committed HEAD
 with ``train_rafdb.seed`` and ``finetune_sfew.seed`` set to it (the synthetic data, its split and

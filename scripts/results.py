@@ -389,14 +389,17 @@ ABLATION_ORDER = [(1, "vgg16", None), (1, "lip", "vgg16"), (1, "ten_crop", "lip"
 
 def ablation_network_changes(ran: dict, params: dict | None = None) -> list[str]:
     """The network switches the ablation ran with that params.yaml's model section no longer has,
-    as "`model.key: ran`, where params.yaml now has `value`". A key the ablation did not record ran at the schema's
-    default, as the training stages read it."""
+    as "`model.key: ran`, where params.yaml now has `value`". A key the ablation did not record ran
+    at the schema's default, as the training stages read it."""
     import yaml
+
     from pipeline.params_schema import ARCH_KEYS, Model
 
     if params is None:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    then, now = Model(**{k: v for k, v in ran.items() if k in Model.model_fields}), Model(**params.get("model", {}))
+    then = Model(**{k: v for k, v in ran.items() if k in Model.model_fields})
+    now = Model(**params.get("model", {}))
+
     def show(v):
         return v if isinstance(v, str) else json.dumps(v)
 
