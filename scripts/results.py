@@ -485,7 +485,8 @@ def cause_verdict(cause: dict, cause60: dict) -> str:
             f"epochs the two starts tie ({pct(new60)} vs {pct(old60)}: {fmt_compare(compare(new60, old60))}). "
             f"So the start was a cause of the collapsed seeds, not of the whole gap: at 30 epochs LIP is still "
             f"behind max pooling in the mean, within the noise of 3 seeds. The default keeps the new "
-            f"start, weight decay on every parameter and the logit module's norms.")
+            f"start's zero-gain last norm (under either `lip_start`), weight decay on every parameter and the "
+            f"logit module's norms.")
 
 
 def start_verdict(start: dict) -> str:
@@ -501,8 +502,13 @@ def start_verdict(start: dict) -> str:
                          (("val", "best_val_accuracy"), ("val mean class", "val_mean_class_accuracy"),
                           ("test", "test_accuracy_center")))
 
+    import yaml
+
+    default = (yaml.safe_load((ROOT / "params.yaml").read_text()).get("model") or {}).get("lip_start", "avg")
     return (f"The soft max-pooling start against the average-pooling start: {step(soft, avg)}. "
-            f"Against max pooling: {step(soft, mx)} (the average-pooling start: {step(avg, mx)}).")
+            f"Against max pooling: {step(soft, mx)} (the average-pooling start: {step(avg, mx)}). "
+            f"params.yaml's default is `lip_start: {default}`; the whole pipeline's seeds under both starts "
+            f"are in the README's seeds block.")
 
 
 def precision_verdict(summ: dict) -> str:
