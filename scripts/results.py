@@ -158,14 +158,19 @@ def table(groups: list[tuple[str, str]], runs: dict[str, list[dict]], classes: l
     return lines, summ
 
 
+def _params() -> dict:
+    """params.yaml as it is now, read plainly (the figures name what a run changed against it)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
+
+
 def commands(names: list[str], runs: dict[str, list[dict]]) -> list[str]:
     """The `scripts/recipe_runs.py` command of each named run: its settings that differ from
     params.yaml's model + train_rafdb sections, read back from the run file."""
-    import yaml
-
     from pipeline.params_schema import TrainRun
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = _params()
     base = {**params.get("model", {}), **params.get("train_rafdb", {})}
     # A key that newer runs record and an older one lacks came after it: that run trained at the
     # key's schema default (a new switch defaults to the behaviour before it), which params.yaml
@@ -391,12 +396,9 @@ def ablation_network_changes(ran: dict, params: dict | None = None) -> list[str]
     """The network switches the ablation ran with that params.yaml's model section no longer has,
     as "`model.key: ran`, where params.yaml now has `value`". A key the ablation did not record ran
     at the schema's default, as the training stages read it."""
-    import yaml
-
     from pipeline.params_schema import ARCH_KEYS, Model
 
-    if params is None:
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = _params() if params is None else params
     then = Model(**{k: v for k, v in ran.items() if k in Model.model_fields})
     now = Model(**params.get("model", {}))
 
@@ -502,9 +504,7 @@ def start_verdict(start: dict) -> str:
                          (("val", "best_val_accuracy"), ("val mean class", "val_mean_class_accuracy"),
                           ("test", "test_accuracy_center")))
 
-    import yaml
-
-    default = (yaml.safe_load((ROOT / "params.yaml").read_text()).get("model") or {}).get("lip_start", "avg")
+    default = (_params().get("model") or {}).get("lip_start", "avg")
     return (f"The soft max-pooling start against the average-pooling start: {step(soft, avg)}. "
             f"Against max pooling: {step(soft, mx)} (the average-pooling start: {step(avg, mx)}). "
             f"params.yaml's default is `lip_start: {default}`; the whole pipeline's seeds under both starts "
